@@ -1,0 +1,125 @@
+"""What a scoring backend is asked to do, and the interface every backend implements.
+
+Requests hold document token ids WITHOUT the BOS token; ``bos`` says which id (if
+any) the backend must prepend. A prepended BOS is never a scored target and never
+counts as context (METRICS.md).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN/inf logits: a number computed from them would be meaningless."""
+
+
+class LengthLimitError(ValueError):
+    """A request is longer than the backend was started for."""
+
+
+@dataclass(frozen=True)
+class TargetWindow:
+    """Score ``tokens[score_from:]``, each token given every earlier token of the window."""
+
+    tokens: np.ndarray  # [n] int64 document ids
+    score_from: int  # first scored index (>= 1, or 0 when a BOS is prepended)
+    bos: int | None
+    label: str  # where the window comes from, for error messages
+
+    def __post_init__(self) -> None:
+        first = 0 if self.bos is not None else 1
+        if not first <= self.score_from <= len(self.tokens):
+            raise ValueError(f"{self.label}: score_from={self.score_from} outside [{first}, {len(self.tokens)}]")
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.tokens) + (self.bos is not None)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Ask for the full next-token distribution after the last token."""
+
+    tokens: np.ndarray  # [n] int64
+    bos: int | None
+    label: str
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.tokens) + (self.bos is not None)
+
+
+@dataclass(frozen=True)
+class AlignedPair:
+    """Two windows whose positions are compared one to one (misalignment ``dense`` mode).
+
+    Position ``long_positions[i]`` of ``long_tokens`` and ``short_positions[i]`` of
+    ``short_tokens`` end at the same document token; the distributions after them are compared.
+    """
+
+    long_tokens: np.ndarray  # [L]
+    short_tokens: np.ndarray  # [L]
+    long_positions: np.ndarray  # [k] indices into long_tokens
+    short_positions: np.ndarray  # [k] indices into short_tokens
+    bos: int | None
+    label: str
+
+    @property
+    def n_inputs(self) -> int:
+        return max(len(self.long_tokens), len(self.short_tokens)) + (self.bos is not None)
+
+
+class ScoringEngine(abc.ABC):
+    """A model that scores token windows exactly. Implementations: ``hf``, ``vllm``."""
+
+    name: str = "base"
+
+    @property
+    @abc.abstractmethod
+    def max_length(self) -> int:
+        """Most input tokens (BOS included) one sequence may have."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer."""
+
+    @property
+    def position_dependent(self) -> bool:
+        """True when a token's logits depend on the total sequence length (e.g. dynamic RoPE)."""
+        return False
+
+    @property
+    def length_hint(self) -> str:
+        """How a user raises ``max_length`` on this backend (for error messages)."""
+        return "raise the backend's max_length"
+
+    @abc.abstractmethod
+    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+        """Per window, float64 NLL of each scored token, in order."""
+
+    @abc.abstractmethod
+    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """[n, V] float32 log-softmax of the next-token logits after each prompt."""
+
+    @abc.abstractmethod
+    def aligned_divergences(self, pairs: Sequence[AlignedPair]) -> list[dict[str, np.ndarray]]:
+        """Per pair, {metric: float64 [k]} divergences between the compared positions."""
+
+    @property
+    def approximate_dense(self) -> bool:
+        """True when ``aligned_divergences`` is an approximation (labelled in the metric names)."""
+        return False
+
+    def check_lengths(self, n_inputs: int, what: str) -> None:
+        if n_inputs > self.max_length:
+            raise LengthLimitError(
+                f"{what} needs {n_inputs} input tokens per sequence, but the {self.name} backend was "
+                f"started with max_length={self.max_length}; {self.length_hint} (at least {n_inputs})"
+            )

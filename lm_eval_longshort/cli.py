@@ -1,0 +1,186 @@
+"""`lm-eval-longshort`: report, plot and compare lm-eval results; prepare local assets.
+
+Subcommands live in ``SUBCOMMANDS`` (name -> Subcommand(help, add_arguments, run)).
+To add one, write an ``add_arguments(parser)`` and a ``run(args) -> int`` and add an
+entry; ``main`` builds the parser from the dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_eval_longshort import reporting
+
+PROG = "lm-eval-longshort"
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One CLI subcommand: a help line, its argparse setup and its action (returns exit code)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_results_arguments(parser: argparse.ArgumentParser) -> None:
+    """RESULTS... and --label, shared by report/plot/compare."""
+    parser.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="results_*.json files or lm_eval --output_path folders (searched recursively)")
+    parser.add_argument("--label", action="extend", nargs="+", metavar="NAME", default=None,
+                        help="run labels, one per run in the order found (default: basename of "
+                             "pretrained= in model_args); put after RESULTS")
+
+
+def _load(args: argparse.Namespace) -> list[reporting.Run]:
+    return reporting.load_runs(args.results, labels=args.label)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_results_arguments(parser)
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    """Print each run's per-length table and scalar metrics."""
+    print("\n\n".join(reporting.format_run_report(run) for run in _load(args)))
+    return 0
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_results_arguments(parser)
+    parser.add_argument("-o", "--output", default="longshort.png", metavar="OUT.png",
+                        help="where to save the figure (default: %(default)s)")
+    parser.add_argument("--trained-context", type=int, metavar="N", default=None,
+                        help="draw a dashed line at the model's training context length, e.g. 8192")
+    parser.add_argument("--title", default=None, help="figure title")
+
+
+def _plot_run(args: argparse.Namespace) -> int:
+    """Save the perplexity / misalignment vs length figure."""
+    out = reporting.plot_runs(_load(args), args.output, trained_context=args.trained_context,
+                              title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_results_arguments(parser)
+    parser.add_argument("--metric", default="symkl", choices=reporting.MISALIGN_METRICS,
+                        help="misalignment metric to correlate (default: %(default)s)")
+    parser.add_argument("--ppl-metric", default="ppl", choices=reporting.PPL_METRICS,
+                        help="perplexity metric to correlate (default: %(default)s)")
+    parser.add_argument("--ppl-task", default=None, help="ppl task, if several report the metric")
+    parser.add_argument("--misalign-task", default=None, help="misalign task, if several report it")
+    parser.add_argument("--csv", default=None, metavar="OUT.csv",
+                        help="write the rows here and the correlations to OUT_correlations.csv")
+    parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write a Markdown report")
+
+
+def _compare_run(args: argparse.Namespace) -> int:
+    """Print the rows and correlations; optionally write CSV / Markdown."""
+    result = reporting.compare_runs(_load(args), misalign_metric=args.metric,
+                                    ppl_metric=args.ppl_metric, ppl_task=args.ppl_task,
+                                    misalign_task=args.misalign_task)
+    print(result.to_text())
+    if args.csv:
+        rows = result.to_csv(args.csv)
+        corr = result.to_csv(rows.with_name(f"{rows.stem}_correlations{rows.suffix or '.csv'}"),
+                             table="correlations")
+        print(f"wrote {rows} and {corr}")
+    if args.markdown:
+        out = Path(args.markdown)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.to_markdown(), encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-convert", action="store_true",
+                        help="download only; skip converting the model to GGUF")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _as_model_args(value) -> str:
+    """model_args as the CLI string lm_eval expects (accepts a dict too)."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _prepare_run(args: argparse.Namespace) -> int:
+    """Fetch the small model and corpus, then print ready-to-paste --model_args."""
+    # Imported here: assets pulls in heavy dependencies the reporting commands do not need.
+    assets = importlib.import_module("lm_eval_longshort.assets")
+    assets.prepare(progress=not args.quiet, convert=not args.no_convert)
+    hf_args = _as_model_args(assets.model_args())
+    print(f"HF model:    --model_args {shlex.quote(hf_args)}")
+    try:
+        print(f"GGUF model:  --model_args {shlex.quote(_as_model_args(assets.gguf_model_args()))}")
+    except Exception as exc:  # noqa: BLE001 - only tolerated when conversion was skipped
+        if not args.no_convert:
+            raise
+        print(f"GGUF model:  not available ({exc}); run `{PROG} prepare` without --no-convert")
+    print("Example:")
+    print(f"  lm_eval --model hf --model_args {shlex.quote(hf_args)} "
+          "--tasks longshort_ppl_shakespeare --output_path results")
+    print(f"  {PROG} report results")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "report": Subcommand("print each run's per-context-length table", _report_arguments, _report_run),
+    "plot": Subcommand("plot perplexity / misalignment vs context length", _plot_arguments, _plot_run),
+    "compare": Subcommand("correlate misalignment@L with perplexity@L across runs",
+                          _compare_arguments, _compare_run),
+    "prepare": Subcommand("download the small model + corpus (and convert to GGUF)",
+                          _prepare_arguments, _prepare_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per SUBCOMMANDS entry."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Report, plot and compare lm-eval results of the longshort tasks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        child = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (2 for usage / input errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except reporting.ReportingError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

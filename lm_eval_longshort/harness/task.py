@@ -1,0 +1,165 @@
+"""lm-eval Task classes for the longshort tasks (thin glue; the work is in protocols/ and backends/).
+
+A YAML names one of these with ``class: !function lm_eval_longshort.harness.task.<Cls>``.
+Each document becomes ONE Instance of request type ``longshort_score`` whose response is a
+small per-document summary; ``process_results`` turns it into per-length (numerator,
+denominator) pairs and ``aggregation`` pools them token-weighted. Metric names come from
+the task's ``lengths`` (``ppl@4096``, ``symkl@8192``...), so they are derived here rather
+than listed in YAML.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+from pathlib import Path
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import ConfigurableTask
+
+from lm_eval_longshort.harness import lm_method
+from lm_eval_longshort.harness.datasets import DATASET_KEYS
+from lm_eval_longshort.numerics import aggregate
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES
+from lm_eval_longshort.protocols.settings import parse_settings, settings_to_json
+
+lm_method.install()
+
+# from_pretrained keyword arguments HFLM forwards that are not in its signature.
+_FROM_PRETRAINED_KEYS = {
+    "attn_implementation", "low_cpu_mem_usage", "torch_dtype", "device_map", "offload_folder",
+    "quantization_config", "use_safetensors", "local_files_only", "token", "cache_dir", "variant",
+    "force_download", "code_revision", "max_memory", "tp_plan", "subfolder", "revision",
+}
+
+
+def _init_params_from_source(path: Path, class_name: str) -> set[str]:
+    """Parameter names of ``class_name.__init__`` (or dataclass fields) read from source, without importing it."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    names.add(item.target.id)
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    names.update(a.arg for a in item.args.args + item.args.kwonlyargs)
+    return names
+
+
+@functools.cache
+def model_argument_names() -> frozenset[str]:
+    """Keys lm-eval may merge into task metadata from --model_args (hf, vllm and vLLM engine args)."""
+    from lm_eval.models.huggingface import HFLM
+
+    names = set(inspect.signature(HFLM.__init__).parameters) | _FROM_PRETRAINED_KEYS
+    lm_eval_dir = Path(inspect.getfile(HFLM)).parent
+    names |= _init_params_from_source(lm_eval_dir / "vllm_causallms.py", "VLLM")
+    spec = importlib.util.find_spec("vllm")
+    if spec and spec.submodule_search_locations:
+        vllm_dir = Path(next(iter(spec.submodule_search_locations)))
+        names |= _init_params_from_source(vllm_dir / "engine" / "arg_utils.py", "EngineArgs")
+    return frozenset(names - {"self", "kwargs", "args"})
+
+
+class _LongShortTask(ConfigurableTask):
+    KIND = ""
+
+    def __init__(self, config: dict | None = None, **kwargs) -> None:
+        config = dict(config or {})
+        config.pop("class", None)  # lm-eval passes the YAML's own `class:` key along
+        config.setdefault("output_type", "loglikelihood_rolling")
+        config.setdefault("test_split", "test")
+        config.setdefault("doc_to_text", "title")
+        config.setdefault("doc_to_target", "")
+        foreign = set(DATASET_KEYS) | model_argument_names()
+        self.settings = parse_settings(self.KIND, dict(config.get("metadata") or {}), foreign_keys=foreign)
+        self._settings_json = settings_to_json(self.settings)
+        super().__init__(config=config, **kwargs)
+
+    def construct_requests(self, doc, ctx, **kwargs) -> Instance:
+        task, doc_id, _ = kwargs["metadata"]
+        digest = hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()[:12]
+        # arguments[0] is what lm-eval hashes for --log_samples and --use_cache: it names
+        # the document by content; the text itself is read from `doc` by the LM method.
+        label = f"{task} doc {doc_id} {doc.get('title', '')!r} sha1:{digest}"
+        return Instance(
+            request_type=lm_method.REQUEST_TYPE,  # type: ignore[arg-type]
+            doc=doc,
+            arguments=(label, self._settings_json),
+            idx=0,
+            metadata=kwargs["metadata"],
+        )
+
+    def process_results(self, doc, results) -> dict:
+        response = results[0]
+        skipped = bool(response.get("skipped"))
+        values = self._per_doc_values(response) if not skipped else {name: None for name in self.aggregation()}
+        values["skipped_docs"] = int(skipped)
+        return values
+
+    def higher_is_better(self) -> dict:
+        return {name: name.startswith(("top1", "key_frac")) for name in self.aggregation()}
+
+
+class PerplexityTask(_LongShortTask):
+    """``longshort_ppl_*``: ppl@L, bpb@L, ppl@max (+ keyppl, key_frac for ladder), skipped_docs."""
+
+    KIND = "ppl"
+
+    def aggregation(self) -> dict:
+        lengths = self.settings.lengths
+        aggs = {f"ppl@{n}": aggregate.perplexity for n in lengths}
+        aggs.update({f"bpb@{n}": aggregate.bits_per_byte for n in lengths})
+        aggs["ppl@max"] = aggregate.perplexity
+        if self.settings.protocol == "ladder":
+            aggs["keyppl"] = aggregate.perplexity
+            aggs["key_frac"] = aggregate.pooled_ratio
+        aggs["skipped_docs"] = aggregate.count
+        return aggs
+
+    def _per_doc_values(self, response: dict) -> dict:
+        values = {}
+        by_length = {r["L"]: r for r in response["records"]}
+        for n in self.settings.lengths:
+            values[f"ppl@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_targets"])
+        for n in self.settings.lengths:
+            values[f"bpb@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_bytes"])
+        values["ppl@max"] = values[f"ppl@{self.settings.max_length}"]
+        if "key_tokens" in response:
+            key = response["key_tokens"]
+            values["keyppl"] = (key["key_nll_sum"], key["n_key"])
+            values["key_frac"] = (key["n_key"], key["n_targets"])
+        return values
+
+
+class MisalignTask(_LongShortTask):
+    """``longshort_misalign_*``: sce@L, symkl@L, js@L, top1@L, tv@L, skipped_docs."""
+
+    KIND = "misalign"
+
+    def aggregation(self) -> dict:
+        aggs = {f"{m}@{n}": aggregate.pooled_ratio for m in METRIC_NAMES for n in self.settings.lengths}
+        aggs["skipped_docs"] = aggregate.count
+        return aggs
+
+    def _per_doc_values(self, response: dict) -> dict:
+        sums = {(m, n): 0.0 for m in METRIC_NAMES for n in self.settings.lengths}
+        counts = dict.fromkeys(self.settings.lengths, 0)
+        if response["mode"] == "last":
+            for pair in response["pairs"]:
+                counts[pair["long_len"]] += 1
+                for m in METRIC_NAMES:
+                    sums[(m, pair["long_len"])] += pair[m]
+        else:
+            for group in response["groups"]:
+                counts[group["L"]] += group["n_positions"]
+                for m in METRIC_NAMES:
+                    sums[(m, group["L"])] += group[f"{m}_sum"]
+        return {f"{m}@{n}": (sums[(m, n)], counts[n]) for m in METRIC_NAMES for n in self.settings.lengths}

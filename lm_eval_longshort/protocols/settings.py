@@ -1,0 +1,263 @@
+"""Task settings parsed from lm-eval metadata (YAML defaults merged with ``--metadata``).
+
+Two dataclasses, one per task family, each field documented with its default.
+``parse_settings`` validates every value and names the bad one; it knows nothing of
+lm-eval beyond the shape of the metadata dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PPL_PROTOCOLS = ("ladder", "truncate", "sliding")
+MISALIGN_MODES = ("last", "dense")
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    """How a ``longshort_ppl_*`` task scores documents (METRICS.md, "Long-context perplexity")."""
+
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    """Context lengths L to evaluate, in document tokens (BOS never counts)."""
+    protocol: str = "ladder"
+    """``ladder`` (fixed targets, growing context), ``truncate`` (YaRN/LongRoPE), ``sliding`` (strided)."""
+    target_tokens: int = 256
+    """ladder: W, the number of fixed target tokens after the longest context."""
+    stride: int | None = None
+    """sliding: window stride S; default L // 2."""
+    max_doc_tokens: int | None = None
+    """sliding: score at most this many tokens of each document; default 4 · max(lengths)."""
+    single_pass: bool | None = None
+    """truncate: one pass for all lengths; default: yes unless positions depend on sequence length."""
+    alpha: float = 2.0
+    """ladder key tokens: nll_short - nll_long must exceed alpha."""
+    beta: float = -2.0
+    """ladder key tokens: -nll_long must exceed beta (the long-context prediction is confident)."""
+    add_bos: str = "auto"
+    """``auto`` (prepend BOS iff the tokenizer does so for plain text), ``true`` or ``false``."""
+    batch_tokens: int = 32768
+    """Most tokens per forward batch (equal-length windows are batched up to this)."""
+
+    kind = "ppl"
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+    def stride_for(self, length: int) -> int:
+        return self.stride if self.stride is not None else max(1, length // 2)
+
+    def doc_tokens_cap(self) -> int:
+        return self.max_doc_tokens if self.max_doc_tokens is not None else 4 * self.max_length
+
+
+@dataclass(frozen=True)
+class MisalignSettings:
+    """How a ``longshort_misalign_*`` task pairs long and short inputs (METRICS.md, "Long-Short Misalignment")."""
+
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    """Long context lengths L."""
+    mode: str = "last"
+    """``last`` (suffix pairs ending at the same token) or ``dense`` (overlapping windows)."""
+    pairs: int = 4
+    """last: short lengths drawn per document and L (distinct)."""
+    min_ratio: float = 0.5
+    """Short context is at least ceil(min_ratio · L) tokens."""
+    seed: int = 1234
+    """Seeds numpy.random.default_rng([seed, doc_index, L])."""
+    add_bos: str = "auto"
+    """As for perplexity."""
+    batch_tokens: int = 32768
+    """Most tokens per forward batch."""
+    topk: int = 256
+    """vllm dense mode only: the top-K approximation's K (results are labelled approximate)."""
+
+    kind = "misalign"
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+    def min_short(self, length: int) -> int:
+        return math.ceil(self.min_ratio * length)
+
+
+# Keys lm-eval itself puts into task metadata.
+HARNESS_KEYS = frozenset({"version", "config_source", "_metadata", "num_fewshot"})
+
+
+def setting_keys(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _as_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"metadata {key}={value!r} must be an integer")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"metadata {key}={value!r} must be an integer") from None
+    if number != float(value) or number < minimum:
+        raise ValueError(f"metadata {key}={value!r} must be an integer >= {minimum}")
+    return number
+
+
+def _as_float(key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metadata {key}={value!r} must be a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"metadata {key}={value!r} must be finite")
+    return number
+
+
+def _as_lengths(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"metadata lengths={value!r} must be a non-empty list of integers, e.g. [1024, 4096]")
+    lengths = sorted({_as_int("lengths", v, 2) for v in value})
+    return tuple(lengths)
+
+
+def _as_bos(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("true", "1", "yes"):
+        return "true"
+    if text in ("false", "0", "no", "none"):
+        return "false"
+    raise ValueError(f"metadata add_bos={value!r} must be 'auto', true or false")
+
+
+def _as_optional_bool(key: str, value: Any) -> bool | None:
+    if value is None or str(value).lower() in ("auto", "none"):
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"metadata {key}={value!r} must be true, false or 'auto'")
+
+
+def _convert(key: str, value: Any) -> Any:
+    if key == "lengths":
+        return _as_lengths(value)
+    if key == "add_bos":
+        return _as_bos(value)
+    if key == "single_pass":
+        return _as_optional_bool(key, value)
+    if key in ("target_tokens", "pairs", "batch_tokens", "topk"):
+        return _as_int(key, value, 1)
+    if key in ("stride", "max_doc_tokens"):
+        return None if value is None else _as_int(key, value, 1)
+    if key == "seed":
+        return _as_int(key, value, 0)
+    if key in ("alpha", "beta", "min_ratio"):
+        return _as_float(key, value)
+    return str(value)
+
+
+def parse_settings(
+    kind: str, metadata: dict[str, Any], *, foreign_keys: frozenset[str] | set[str] = frozenset()
+) -> PerplexitySettings | MisalignSettings:
+    """Build the settings of a task family from its metadata.
+
+    ``foreign_keys`` are keys that belong to someone else (dataset loaders, model
+    arguments that lm-eval merges into task metadata); any other unknown key is an
+    error that lists the known ones, so a typo never silently falls back to a default.
+    """
+    cls = {"ppl": PerplexitySettings, "misalign": MisalignSettings}[kind]
+    own = setting_keys(cls)
+    other_family = set(setting_keys(MisalignSettings if kind == "ppl" else PerplexitySettings)) - set(own)
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in metadata.items():
+        if key in own:
+            if value is not None or key in ("stride", "max_doc_tokens", "single_pass"):
+                values[key] = _convert(key, value)
+        elif key in HARNESS_KEYS or key in foreign_keys:
+            continue
+        elif key in other_family:
+            # A group run passes one --metadata to perplexity and misalignment tasks alike.
+            continue
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"unknown metadata key(s) {sorted(unknown)} for longshort {kind} tasks; "
+            f"known keys: {sorted(own)} (fix the spelling or drop the key)"
+        )
+    settings = cls(**values)
+    _check(settings)
+    return settings
+
+
+def _check(settings: PerplexitySettings | MisalignSettings) -> None:
+    if isinstance(settings, PerplexitySettings):
+        if settings.protocol not in PPL_PROTOCOLS:
+            raise ValueError(f"metadata protocol={settings.protocol!r} must be one of {PPL_PROTOCOLS}")
+        if settings.protocol == "sliding":
+            for length in settings.lengths:
+                if settings.stride_for(length) > length:
+                    raise ValueError(
+                        f"metadata stride={settings.stride} exceeds window length {length}: "
+                        "tokens between windows would never be scored; use stride <= min(lengths)"
+                    )
+            if settings.doc_tokens_cap() < settings.max_length:
+                raise ValueError(
+                    f"metadata max_doc_tokens={settings.max_doc_tokens} is below max(lengths)="
+                    f"{settings.max_length}; raise it or drop the longest length"
+                )
+        return
+    if settings.mode not in MISALIGN_MODES:
+        raise ValueError(f"metadata mode={settings.mode!r} must be one of {MISALIGN_MODES}")
+    if not 0.0 < settings.min_ratio < 1.0:
+        raise ValueError(f"metadata min_ratio={settings.min_ratio!r} must lie strictly between 0 and 1")
+    for length in settings.lengths:
+        low = settings.min_short(length)
+        available = length - low
+        if settings.mode == "last" and settings.pairs > available:
+            raise ValueError(
+                f"metadata pairs={settings.pairs} exceeds the {available} distinct short lengths in "
+                f"[{low}, {length - 1}] for L={length}; lower pairs or min_ratio, or raise L"
+            )
+        if settings.mode == "dense" and low > length - 1:
+            raise ValueError(f"L={length} leaves no position with short context >= {low}; lower min_ratio")
+
+
+def settings_to_json(settings: PerplexitySettings | MisalignSettings) -> str:
+    """Stable JSON (the request argument lm-eval hashes and logs)."""
+    payload = {"kind": settings.kind, **dataclasses.asdict(settings)}
+    return json.dumps(payload, sort_keys=True)
+
+
+def settings_from_json(text: str) -> PerplexitySettings | MisalignSettings:
+    payload = json.loads(text)
+    kind = payload.pop("kind")
+    cls = {"ppl": PerplexitySettings, "misalign": MisalignSettings}[kind]
+    payload["lengths"] = tuple(payload["lengths"])
+    return cls(**payload)
+
+
+__all__ = [
+    "MisalignSettings",
+    "PerplexitySettings",
+    "parse_settings",
+    "settings_from_json",
+    "settings_to_json",
+]

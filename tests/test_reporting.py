@@ -1,0 +1,485 @@
+"""Tests of lm_eval_longshort.reporting and the lm-eval-longshort CLI.
+
+Results JSONs are written by hand in the layout lm-eval 0.4.13 uses
+(``DIR/<model_name_sanitized>/results_<timestamp>.json``), including stderr keys,
+"N/A" values, group entries and NaN (lm-eval's json.dumps writes bare ``NaN``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from lm_eval_longshort import cli, reporting
+from lm_eval_longshort.reporting import (
+    average_ranks,
+    compare_runs,
+    format_length_table,
+    load_runs,
+    pearson,
+    plot_runs,
+    spearman,
+)
+
+PPL = "longshort_ppl_shakespeare"
+MIS = "longshort_misalign_shakespeare"
+GROUP = "longshort_shakespeare"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def ppl_entry(ppl: dict[int, float], bpb: dict[int, float] | None = None, **scalars) -> dict:
+    """A results[task] entry as our ppl task reports it (with stderr keys)."""
+    entry = {"alias": " - longshort_ppl_shakespeare"}
+    for L, v in ppl.items():
+        entry[f"ppl@{L},none"] = v
+        entry[f"ppl@{L}_stderr,none"] = "N/A"
+    for L, v in (bpb or {}).items():
+        entry[f"bpb@{L},none"] = v
+        entry[f"bpb@{L}_stderr,none"] = 0.01
+    for name, v in scalars.items():
+        entry[f"{name.replace('_at_', '@')},none"] = v
+    return entry
+
+
+def mis_entry(symkl: dict[int, float], sce: dict[int, float] | None = None) -> dict:
+    """A results[task] entry of a misalign task; js/top1/tv derived from symkl."""
+    entry = {"alias": " - longshort_misalign_shakespeare"}
+    for L, v in symkl.items():
+        entry[f"symkl@{L},none"] = v
+        entry[f"js@{L},none"] = v / 8
+        entry[f"top1@{L},none"] = 0.9
+        entry[f"tv@{L},none"] = v / 2
+        entry[f"symkl@{L}_stderr,none"] = "N/A"
+    for L, v in (sce or {}).items():
+        entry[f"sce@{L},none"] = v
+    return entry
+
+
+def write_results(root: Path, model_dir: str, results: dict, model_args: str | dict | None = None,
+                  stamp: str = "2025-06-01T12-00-00.000000") -> Path:
+    """Write one results file the way lm-eval's EvaluationTracker does."""
+    if model_args is None:
+        model_args = f"pretrained=/models/{model_dir},dtype=float32"
+    tasks = [t for t in results if t != GROUP]
+    data = {
+        "results": {GROUP: {"alias": GROUP}, **results},
+        "groups": {},
+        "group_subtasks": {GROUP: tasks, **{t: [] for t in tasks}},
+        "configs": {t: {"task": t, "metadata": {"version": 1.0, "lengths": [1024, 4096]}} for t in tasks},
+        "versions": {t: 1.0 for t in tasks},
+        "n-samples": {t: {"original": 3, "effective": 3} for t in tasks},
+        "config": {"model": "hf", "model_args": model_args, "batch_size": 1},
+        "model_name": f"/models/{model_dir}",
+        "model_name_sanitized": f"__models__{model_dir}",
+    }
+    folder = root / f"__models__{model_dir}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"results_{stamp}.json"
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")  # NaN written as bare NaN
+    return path
+
+
+@pytest.fixture
+def one_run(tmp_path: Path) -> Path:
+    """A full run: ppl + misalign tasks, a NaN cell, a length only ppl has."""
+    return write_results(tmp_path, "smollm2-135m-instruct", {
+        PPL: ppl_entry({1024: 21.5, 4096: 18.25, 8192: 17.0}, bpb={1024: 1.25, 4096: 1.125},
+                       ppl_at_max=17.0, keyppl=3.5, key_frac=0.125, skipped_docs=2),
+        MIS: mis_entry({1024: 0.0625, 4096: math.nan}, sce={1024: 4.5, 4096: 4.75}),
+    })
+
+
+def three_models(root: Path) -> list[Path]:
+    """Three models at 1k/4k/8k (8k only in one run) for compare tests."""
+    specs = {
+        "a": ({1024: 20.0, 4096: 18.0, 8192: 30.0}, {1024: 0.05, 4096: 0.10, 8192: 0.9}),
+        "b": ({1024: 14.0, 4096: 13.0}, {1024: 0.03, 4096: 0.04}),
+        "c": ({1024: 17.0, 4096: 25.0}, {1024: 0.04, 4096: 0.07}),
+    }
+    return [write_results(root, name, {PPL: ppl_entry(p), MIS: mis_entry(m)})
+            for name, (p, m) in specs.items()]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_metric_key():
+    assert reporting.parse_metric_key("ppl@4096,none") == ("ppl", 4096, "none")
+    assert reporting.parse_metric_key("ppl@max,none") == ("ppl@max", None, "none")
+    assert reporting.parse_metric_key("keyppl,none") == ("keyppl", None, "none")
+    assert reporting.parse_metric_key("ppl@4096_stderr,none") is None
+    assert reporting.parse_metric_key("keyppl_stderr,none") is None
+    assert reporting.parse_metric_key("alias") is None
+
+
+def test_load_single_file(one_run: Path):
+    (run,) = load_runs([one_run])
+    assert run.label == "smollm2-135m-instruct"
+    assert run.path == one_run
+    assert set(run.per_length) == {PPL, MIS}  # the group entry is dropped
+    assert run.per_length[PPL]["ppl"] == {1024: 21.5, 4096: 18.25, 8192: 17.0}
+    assert run.per_length[PPL]["bpb"] == {1024: 1.25, 4096: 1.125}
+    assert run.scalars[PPL] == {"ppl@max": 17.0, "keyppl": 3.5, "key_frac": 0.125, "skipped_docs": 2.0}
+    assert run.per_length[MIS]["symkl"][1024] == 0.0625
+    assert math.isnan(run.per_length[MIS]["symkl"][4096])
+    assert not any("stderr" in m for t in run.per_length.values() for m in t)
+    assert run.ppl_tasks == [PPL] and run.misalign_tasks == [MIS]
+    assert run.lengths == [1024, 4096, 8192]
+    assert run.metadata[PPL]["lengths"] == [1024, 4096]
+
+
+def test_group_with_only_alias_is_ignored_even_without_group_subtasks(tmp_path: Path):
+    path = write_results(tmp_path, "m", {PPL: ppl_entry({1024: 10.0})})
+    data = json.loads(path.read_text())
+    del data["group_subtasks"]
+    path.write_text(json.dumps(data))
+    (run,) = load_runs([path])
+    assert list(run.per_length) == [PPL]
+
+
+def test_none_filter_wins(tmp_path: Path):
+    entry = {"ppl@1024,strip": 99.0, "ppl@1024,none": 10.0, "ppl@2048,strip": 7.0}
+    (run,) = load_runs([write_results(tmp_path, "m", {PPL: entry})])
+    assert run.per_length[PPL]["ppl"] == {1024: 10.0, 2048: 7.0}
+
+
+def test_label_variants(tmp_path: Path):
+    hub = write_results(tmp_path, "x", {PPL: ppl_entry({1024: 1.0})},
+                        model_args={"pretrained": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"})
+    gguf = write_results(tmp_path, "y", {PPL: ppl_entry({1024: 1.0})},
+                         model_args="pretrained=/m/smol/,gguf_file=/m/smol/model-f16.gguf")
+    runs = load_runs([hub, gguf])
+    assert [r.label for r in runs] == ["SmolLM2-135M", "smol:model-f16.gguf"]
+    assert [r.label for r in load_runs([hub, gguf], labels=["one", "two"])] == ["one", "two"]
+
+
+def test_duplicate_labels_get_file_name(tmp_path: Path):
+    first = write_results(tmp_path / "r1", "m", {PPL: ppl_entry({1024: 1.0})}, stamp="2025-01-01T00-00-00")
+    second = write_results(tmp_path / "r2", "m", {PPL: ppl_entry({1024: 2.0})}, stamp="2025-02-01T00-00-00")
+    labels = [r.label for r in load_runs([first, second])]
+    assert labels == ["m (results_2025-01-01T00-00-00)", "m (results_2025-02-01T00-00-00)"]
+    same_name = write_results(tmp_path / "r3", "m", {PPL: ppl_entry({1024: 3.0})}, stamp="2025-01-01T00-00-00")
+    labels = [r.label for r in load_runs([first, same_name])]
+    assert len(set(labels)) == 2
+
+
+def test_directory_merges_files_of_one_model(tmp_path: Path):
+    """ppl and misalign run in two lm_eval calls; a rerun of ppl overrides the old ppl."""
+    write_results(tmp_path, "m", {PPL: ppl_entry({1024: 50.0})}, stamp="2025-01-01T00-00-00")
+    write_results(tmp_path, "m", {MIS: mis_entry({1024: 0.5})}, stamp="2025-01-02T00-00-00")
+    newest = write_results(tmp_path, "m", {PPL: ppl_entry({1024: 40.0})}, stamp="2025-01-03T00-00-00")
+    write_results(tmp_path, "other", {PPL: ppl_entry({1024: 9.0})})
+    (tmp_path / "__models__m" / "samples_x.jsonl").write_text("{}\n")  # not a results file
+    runs = load_runs([tmp_path])
+    assert [r.label for r in runs] == ["m", "other"]
+    merged = runs[0]
+    assert merged.per_length[PPL]["ppl"] == {1024: 40.0}
+    assert merged.per_length[MIS]["symkl"] == {1024: 0.5}
+    assert merged.path == newest and len(merged.sources) == 3
+    # the same file given again (directly) is not loaded twice
+    assert len(load_runs([tmp_path, newest])) == 2
+
+
+def test_load_errors(tmp_path: Path):
+    with pytest.raises(reporting.ReportingError, match="no such file"):
+        load_runs([tmp_path / "missing.json"])
+    with pytest.raises(reporting.ReportingError, match="no results_"):
+        load_runs([tmp_path])
+    bad = tmp_path / "results_bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(reporting.ReportingError, match="not valid JSON"):
+        load_runs([bad])
+    bad.write_text('{"foo": 1}')
+    with pytest.raises(reporting.ReportingError, match="no 'results' object"):
+        load_runs([bad])
+    good = write_results(tmp_path, "m", {PPL: ppl_entry({1024: 1.0})})
+    with pytest.raises(reporting.ReportingError, match="1 run"):
+        load_runs([good], labels=["a", "b"])
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _table_rows(table: str) -> dict[str, list[str]]:
+    """Body rows keyed by their L cell (first cell), cells split on '|' groups and spaces."""
+    rows = {}
+    for line in table.splitlines():
+        first = line.split("|")[0].strip()
+        if first.isdigit():
+            rows[first] = [cell.split() for cell in line.split("|")]
+    return rows
+
+
+def test_length_table(one_run: Path):
+    (run,) = load_runs([one_run])
+    table = format_length_table(run)
+    lines = table.splitlines()
+    assert "ppl_shakespeare" in lines[0] and "misalign_shakespeare" in lines[0]
+    assert lines[1].split() == ["L", "|", "ppl", "bpb", "|", "symkl", "sce", "js", "top1", "tv"]
+    rows = _table_rows(table)
+    assert list(rows) == ["1024", "4096", "8192"]  # ascending
+    assert rows["1024"][1:] == [["21.5", "1.25"], ["0.0625", "4.5", "0.0078125", "0.9", "0.03125"]]
+    assert rows["4096"][1:] == [["18.25", "1.125"], ["nan", "4.75", "nan", "0.9", "nan"]]
+    assert rows["8192"][1:] == [["17"], []]  # missing cells are blank
+    # the blank bpb cell sits under the bpb column: "17" ends where "ppl" ends
+    row_8k = next(line for line in lines if line.startswith(" 8192") or line.startswith("8192"))
+    assert row_8k.index("17") + 2 == lines[1].index("ppl") + 3
+    # equal-width lines up to trailing blanks: a terminal-aligned table
+    assert len({len(line) for line in lines[1:4]}) == 1
+
+
+def test_run_report_has_scalars(one_run: Path):
+    (run,) = load_runs([one_run])
+    text = reporting.format_run_report(run)
+    assert text.startswith("== smollm2-135m-instruct")
+    assert "ppl@max=17" in text and "keyppl=3.5" in text and "skipped_docs=2" in text
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_writes_png(tmp_path: Path, one_run: Path):
+    runs = load_runs([one_run, *three_models(tmp_path / "more")])
+    out = plot_runs(runs, tmp_path / "plots" / "fig.png", trained_context=8192, title="t")
+    assert out.stat().st_size > 1000
+    width, height = _png_size(out)
+    assert (width, height) == (round(5.6 * 3 * 120), round(4.6 * 120))  # 3 panels at dpi 120
+
+
+def test_plot_ppl_only_and_nothing_to_plot(tmp_path: Path):
+    path = write_results(tmp_path, "m", {PPL: ppl_entry({1024: 10.0, 2048: 9.0})})
+    out = plot_runs(load_runs([path]), tmp_path / "ppl.png")
+    assert _png_size(out) == (round(5.6 * 120), round(4.6 * 120))
+    empty = write_results(tmp_path, "e", {"other_task": {"acc,none": 0.5}})
+    with pytest.raises(reporting.ReportingError, match="nothing to plot"):
+        plot_runs(load_runs([empty]), tmp_path / "e.png")
+
+
+def test_plot_axis_ticks_at_lengths():
+    from matplotlib.figure import Figure
+
+    run = reporting.Run("r", Path("x.json"), per_length={PPL: {"ppl": {1024: 30.0, 4096: 2.0, 12288: 1.5}}})
+    ax = Figure().subplots()
+    reporting._draw_panel(ax, [run], "ppl", trained_context=8192)
+    assert list(ax.get_xticks()) == [1024, 4096, 8192, 12288]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1k", "4k", "8k", "12k"]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"  # 30 / 1.5 > 10x
+    assert reporting.length_label(1536) == "1.5k" and reporting.length_label(1000) == "1000"
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def textbook_pearson(x, y):
+    """r = Σ(x-x̄)(y-ȳ) / sqrt(Σ(x-x̄)² Σ(y-ȳ)²), written as plain loops."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def textbook_spearman_no_ties(x, y):
+    """rho = 1 - 6 Σ d² / (n (n² - 1)), valid only without ties."""
+    n = len(x)
+    rank = lambda v: {val: i + 1 for i, val in enumerate(sorted(v))}  # noqa: E731
+    rx, ry = rank(x), rank(y)
+    d2 = sum((rx[a] - ry[b]) ** 2 for a, b in zip(x, y))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def textbook_spearman(x, y):
+    """Tie-aware: rank(v) = #(values < v) + (#(values == v) + 1) / 2, then Pearson of ranks."""
+    rank = lambda vs: [sum(u < v for u in vs) + (sum(u == v for u in vs) + 1) / 2 for v in vs]  # noqa: E731
+    return textbook_pearson(rank(x), rank(y))
+
+
+def test_pearson_matches_textbook():
+    x = [0.05, 0.03, 0.04, 0.11, 0.02]
+    y = [20.0, 14.0, 17.0, 25.0, 16.0]
+    assert pearson(x, y) == pytest.approx(textbook_pearson(x, y), abs=1e-12)
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))  # constant side
+    assert math.isnan(pearson([1], [2]))
+
+
+def test_spearman():
+    x = [0.05, 0.03, 0.04, 0.11, 0.02]
+    y = [20.0, 14.0, 17.0, 25.0, 16.0]
+    assert spearman(x, y) == pytest.approx(textbook_spearman_no_ties(x, y), abs=1e-12)
+    # perfectly monotone but nonlinear: rho = 1 while r < 1
+    xs = [1, 2, 3, 4, 5]
+    ys = [math.exp(v) for v in xs]
+    assert spearman(xs, ys) == pytest.approx(1.0) and pearson(xs, ys) < 0.99
+    # ties: ranks of x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; worked by hand, rho = 4.5 / sqrt(4.5 * 5)
+    assert list(average_ranks([1, 2, 2, 3])) == [1.0, 2.5, 2.5, 4.0]
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    assert list(average_ranks([5, 5, 5])) == [2.0, 2.0, 2.0]
+    tied_x, tied_y = [3, 1, 3, 2, 3, 1], [0.5, 0.1, 0.2, 0.2, 0.9, 0.0]
+    assert spearman(tied_x, tied_y) == pytest.approx(textbook_spearman(tied_x, tied_y), abs=1e-12)
+
+
+def test_compare_runs(tmp_path: Path):
+    runs = load_runs(three_models(tmp_path))
+    result = compare_runs(runs)
+    assert (result.ppl_task, result.misalign_task) == (PPL, MIS)
+    # 8192 is reported by one run only: no rows for it
+    assert sorted({r["L"] for r in result.rows}) == [1024, 4096]
+    assert [(r["label"], r["L"]) for r in result.rows[:3]] == [("a", 1024), ("b", 1024), ("c", 1024)]
+    assert result.rows[0]["ppl"] == 20.0 and result.rows[0]["symkl"] == 0.05
+    assert result.columns[:4] == ["label", "L", "ppl", "bpb"] and "sce" in result.columns
+    by_length = {c.length: c for c in result.per_length}
+    mis = {1024: [0.05, 0.03, 0.04], 4096: [0.10, 0.04, 0.07]}
+    ppl = {1024: [20.0, 14.0, 17.0], 4096: [18.0, 13.0, 25.0]}
+    for L in (1024, 4096):
+        assert by_length[L].n == 3
+        assert by_length[L].pearson == pytest.approx(textbook_pearson(mis[L], ppl[L]), abs=1e-12)
+        assert by_length[L].spearman == pytest.approx(textbook_spearman_no_ties(mis[L], ppl[L]), abs=1e-12)
+    assert by_length[1024].spearman == pytest.approx(1.0)
+    assert by_length[4096].spearman == pytest.approx(0.5)  # ranks (3,1,2) vs (2,1,3)
+    pooled_x, pooled_y = mis[1024] + mis[4096], ppl[1024] + ppl[4096]
+    assert result.pooled.length is None and result.pooled.n == 6
+    assert result.pooled.pearson == pytest.approx(textbook_pearson(pooled_x, pooled_y), abs=1e-12)
+    assert pooled_x.count(0.04) == 2  # a tie across lengths: the no-ties formula would be wrong
+    assert result.pooled.spearman == pytest.approx(textbook_spearman(pooled_x, pooled_y), abs=1e-12)
+
+
+def test_compare_skips_nan_and_uses_bpb(tmp_path: Path):
+    paths = [
+        write_results(tmp_path, "a", {PPL: ppl_entry({1024: 9.0}, bpb={1024: 1.0}), MIS: mis_entry({1024: 0.1})}),
+        write_results(tmp_path, "b", {PPL: ppl_entry({1024: 8.0}, bpb={1024: 0.5}), MIS: mis_entry({1024: math.nan})}),
+        write_results(tmp_path, "c", {PPL: ppl_entry({1024: 7.0}, bpb={1024: 0.25}), MIS: mis_entry({1024: 0.0})}),
+    ]
+    result = compare_runs(load_runs(paths), misalign_metric="tv", ppl_metric="bpb")
+    assert len(result.rows) == 3 and result.per_length[0].n == 2  # b's NaN is left out
+    assert result.per_length[0].pearson == pytest.approx(1.0)
+
+
+def test_compare_errors_and_task_choice(tmp_path: Path):
+    other = "longshort_ppl_pg19"
+    paths = [write_results(tmp_path, name, {PPL: ppl_entry({1024: v}), other: ppl_entry({1024: v + 1}),
+                                            MIS: mis_entry({1024: v / 100})})
+             for name, v in (("a", 10.0), ("b", 12.0), ("c", 11.0))]
+    runs = load_runs(paths)
+    with pytest.raises(reporting.ReportingError, match="--ppl-task"):
+        compare_runs(runs)
+    assert compare_runs(runs, ppl_task="pg19").ppl_task == other
+    assert compare_runs(runs, ppl_task=PPL).ppl_task == PPL
+    with pytest.raises(reporting.ReportingError, match="matches 0"):
+        compare_runs(runs, ppl_task="wiki")
+    with pytest.raises(reporting.ReportingError, match="no run reports per-length 'sce'"):
+        compare_runs(runs, misalign_metric="sce", ppl_task="pg19")
+    with pytest.raises(reporting.ReportingError, match="2 or more runs"):
+        compare_runs(runs[:1], ppl_task="pg19")
+
+
+def test_compare_outputs(tmp_path: Path):
+    result = compare_runs(load_runs(three_models(tmp_path)))
+    rows_csv = result.to_csv(tmp_path / "out" / "rows.csv")
+    with rows_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and rows[0]["label"] == "a" and rows[0]["L"] == "1024"
+    assert float(rows[0]["ppl"]) == 20.0 and rows[0]["bpb"] == ""  # no bpb in these runs
+    corr_csv = result.to_csv(tmp_path / "corr.csv", table="correlations")
+    with corr_csv.open() as fh:
+        corr = list(csv.DictReader(fh))
+    assert [c["L"] for c in corr] == ["1024", "4096", "pooled"]
+    assert float(corr[1]["spearman_rho"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="rows"):
+        result.to_csv(tmp_path / "x.csv", table="nope")
+
+    md = result.to_markdown()
+    assert "| label | L | ppl | bpb | symkl |" in md
+    assert "| a | 1024 | 20 |  | 0.05 |" in md
+    assert "| 4096 | 3 |" in md and "| pooled | 6 |" in md
+
+    text = result.to_text()
+    assert "pooled" in text and "spearman_rho" in text
+    assert any(line.split()[:3] == ["b", "4096", "13"] for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_report(capsys, one_run: Path):
+    assert cli.main(["report", str(one_run)]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "21.5" in out and "keyppl=3.5" in out
+    assert cli.main(["report", str(one_run), "--label", "mine"]) == 0
+    assert capsys.readouterr().out.startswith("== mine")
+
+
+def test_cli_plot(tmp_path: Path, capsys):
+    paths = [str(p) for p in three_models(tmp_path)]
+    out = tmp_path / "fig.png"
+    argv = ["plot", *paths, "-o", str(out), "--trained-context", "4096", "--label", "x", "y", "z"]
+    assert cli.main(argv) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 0
+    assert str(out) in capsys.readouterr().out
+
+
+def test_cli_compare(tmp_path: Path, capsys):
+    three_models(tmp_path / "res")
+    csv_path, md_path = tmp_path / "cmp.csv", tmp_path / "cmp.md"
+    argv = ["compare", str(tmp_path / "res"), "--metric", "symkl", "--csv", str(csv_path),
+            "--markdown", str(md_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pearson_r" in out and "pooled" in out
+    assert csv_path.exists() and (tmp_path / "cmp_correlations.csv").exists()
+    assert md_path.read_text().startswith("## symkl@L")
+
+
+def test_cli_errors(tmp_path: Path, capsys):
+    assert cli.main(["report", str(tmp_path / "nope.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "x.json", "--metric", "bogus"])
+
+
+def test_cli_prepare_uses_assets(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("lm_eval_longshort.assets")
+    fake.prepare = lambda progress, convert: calls.append((progress, convert))
+    fake.model_args = lambda: "pretrained=/cache/smollm2,dtype=float32"
+
+    def no_gguf():
+        raise FileNotFoundError("no GGUF file yet")
+
+    fake.gguf_model_args = no_gguf
+    monkeypatch.setitem(sys.modules, "lm_eval_longshort.assets", fake)
+    assert cli.main(["prepare", "--no-convert", "--quiet"]) == 0
+    assert calls == [(False, False)]
+    out = capsys.readouterr().out
+    assert "--model_args pretrained=/cache/smollm2,dtype=float32" in out
+    assert "lm_eval --model hf" in out and "--tasks longshort_ppl_shakespeare" in out
+    assert "not available" in out
+
+    fake.gguf_model_args = lambda: "pretrained=/cache/smollm2,gguf_file=m.gguf"
+    assert cli.main(["prepare"]) == 0
+    assert calls[-1] == (True, True)
+    assert "gguf_file=m.gguf" in capsys.readouterr().out
+
+
+def test_subcommand_registry():
+    assert {"plot", "report", "compare", "prepare"} <= set(cli.SUBCOMMANDS)
+    assert all(callable(c.add_arguments) and callable(c.run) for c in cli.SUBCOMMANDS.values())
