@@ -115,34 +115,39 @@ def _compare_run(args: argparse.Namespace) -> int:
 
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-convert", action="store_true",
-                        help="download only; skip converting the model to GGUF")
+                        help="fetch only; skip converting the GGUF model to a safetensors folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def _as_model_args(value) -> str:
-    """model_args as the CLI string lm_eval expects (accepts a dict too)."""
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
     """Fetch the small model and corpus, then print ready-to-paste --model_args."""
     # Imported here: assets pulls in heavy dependencies the reporting commands do not need.
     assets = importlib.import_module("lm_eval_longshort.assets")
-    assets.prepare(progress=not args.quiet, convert=not args.no_convert)
-    hf_args = _as_model_args(assets.model_args())
-    print(f"HF model:    --model_args {shlex.quote(hf_args)}")
-    try:
-        print(f"GGUF model:  --model_args {shlex.quote(_as_model_args(assets.gguf_model_args()))}")
-    except Exception as exc:  # noqa: BLE001 - only tolerated when conversion was skipped
-        if not args.no_convert:
-            raise
-        print(f"GGUF model:  not available ({exc}); run `{PROG} prepare` without --no-convert")
+    prepared = assets.prepare(progress=not args.quiet, convert=not args.no_convert)
+    gguf_args = prepared.gguf_model_args()
+    hf_args = prepared.model_args() if prepared.converted else gguf_args
+    if prepared.converted:
+        print(f"HF model (safetensors):  --model_args {shlex.quote(hf_args)}")
+    print(f"HF model (GGUF, slower to load):  --model_args {shlex.quote(gguf_args)}")
     print("Example:")
     print(f"  lm_eval --model hf --model_args {shlex.quote(hf_args)} "
-          "--tasks longshort_ppl_shakespeare --output_path results")
+          "--tasks longshort_ppl_shakespeare --limit 2 --output_path results")
     print(f"  {PROG} report results")
+    return 0
+
+
+def _model_args_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", action="store_true", help="the GGUF file instead of the safetensors folder")
+
+
+def _model_args_run(args: argparse.Namespace) -> int:
+    """Print the embedded model's --model_args (for scripts: `--model_args "$(lm-eval-longshort model-args)"`)."""
+    assets = importlib.import_module("lm_eval_longshort.assets")
+    prepared = assets.locate()
+    if prepared is None:
+        print(f"{PROG}: the embedded model is not prepared; run `{PROG} prepare`", file=sys.stderr)
+        return 2
+    print(prepared.gguf_model_args() if args.gguf else prepared.model_args())
     return 0
 
 
@@ -151,8 +156,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "plot": Subcommand("plot perplexity / misalignment vs context length", _plot_arguments, _plot_run),
     "compare": Subcommand("correlate misalignment@L with perplexity@L across runs",
                           _compare_arguments, _compare_run),
-    "prepare": Subcommand("download the small model + corpus (and convert to GGUF)",
+    "prepare": Subcommand("fetch the embedded model + corpus (and convert the model to safetensors)",
                           _prepare_arguments, _prepare_run),
+    "model-args": Subcommand("print the embedded model's --model_args", _model_args_arguments, _model_args_run),
 }
 
 

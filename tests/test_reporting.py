@@ -11,8 +11,6 @@ import csv
 import json
 import math
 import struct
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -456,28 +454,20 @@ def test_cli_errors(tmp_path: Path, capsys):
         cli.main(["compare", "x.json", "--metric", "bogus"])
 
 
-def test_cli_prepare_uses_assets(monkeypatch, capsys):
-    calls = []
-    fake = types.ModuleType("lm_eval_longshort.assets")
-    fake.prepare = lambda progress, convert: calls.append((progress, convert))
-    fake.model_args = lambda: "pretrained=/cache/smollm2,dtype=float32"
+def test_cli_prepare_and_model_args_on_real_assets(capsys):
+    """`prepare` is idempotent on the prepared cache and prints the model args `model-args` prints."""
+    from lm_eval_longshort import assets
 
-    def no_gguf():
-        raise FileNotFoundError("no GGUF file yet")
-
-    fake.gguf_model_args = no_gguf
-    monkeypatch.setitem(sys.modules, "lm_eval_longshort.assets", fake)
-    assert cli.main(["prepare", "--no-convert", "--quiet"]) == 0
-    assert calls == [(False, False)]
+    prepared = assets.prepare(progress=False)
+    assert cli.main(["prepare", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "--model_args pretrained=/cache/smollm2,dtype=float32" in out
+    assert f"pretrained={prepared.model_dir}" in out
+    assert f"gguf_file={prepared.gguf_file}" in out
     assert "lm_eval --model hf" in out and "--tasks longshort_ppl_shakespeare" in out
-    assert "not available" in out
-
-    fake.gguf_model_args = lambda: "pretrained=/cache/smollm2,gguf_file=m.gguf"
-    assert cli.main(["prepare"]) == 0
-    assert calls[-1] == (True, True)
-    assert "gguf_file=m.gguf" in capsys.readouterr().out
+    assert cli.main(["model-args"]) == 0
+    assert capsys.readouterr().out.strip() == prepared.model_args()
+    assert cli.main(["model-args", "--gguf"]) == 0
+    assert capsys.readouterr().out.strip() == prepared.gguf_model_args()
 
 
 def test_subcommand_registry():

@@ -39,7 +39,8 @@ class TargetWindow:
 
     @property
     def n_inputs(self) -> int:
-        return len(self.tokens) + (self.bos is not None)
+        """Tokens fed to the model: the last token is only a target, never an input."""
+        return len(self.tokens) - 1 + (self.bos is not None)
 
 
 @dataclass(frozen=True)

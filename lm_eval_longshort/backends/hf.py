@@ -164,19 +164,19 @@ class HFEngine(ScoringEngine):
     def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
         for w in windows:
             self.check_lengths(w.n_inputs, w.label)
-        sequences = [self._with_bos(w.tokens, w.bos) for w in windows]
+        full = [self._with_bos(w.tokens, w.bos) for w in windows]
+        # The last token is only ever a target: feed everything before it.
         out: list[np.ndarray | None] = [None] * len(windows)
-        for batch, hidden in self._run(sequences, "longshort hf: perplexity"):
+        for batch, hidden in self._run([seq[:-1] for seq in full], "longshort hf: perplexity"):
             for row, i in enumerate(batch):
-                w, seq = windows[i], sequences[i]
+                w, seq = windows[i], torch.as_tensor(full[i], device=self.device)
                 offset = 1 if w.bos is not None else 0
                 # Target tokens[j] sits at input j + offset and is predicted by input j + offset - 1.
                 targets = torch.arange(w.score_from + offset, len(seq), device=self.device)
                 nll = []
                 for chunk in targets.split(self.chunk_positions):
                     logp = self._logprobs(hidden[row, chunk - 1], w.label, chunk - 1)
-                    tok = torch.as_tensor(seq, device=self.device)[chunk]
-                    nll.append(-logp.gather(1, tok[:, None])[:, 0])
+                    nll.append(-logp.gather(1, seq[chunk][:, None])[:, 0])
                 out[i] = torch.cat(nll).double().cpu().numpy() if nll else np.zeros(0)
         return out  # type: ignore[return-value]
 

@@ -1,8 +1,10 @@
 """The request type ``longshort_score`` and the LM method of that name.
 
 lm-eval dispatches each Instance by ``getattr(lm, instance.request_type)`` and lm-eval
-0.4.13 has no model plugins, so the method is attached to ``TemplateLM``: plain
-``--model hf`` and ``--model vllm`` then serve our requests. The method picks a backend
+0.4.13 has no model plugins, so the method is attached to the base class ``LM`` (not only
+``TemplateLM``: models such as ``dummy`` derive from ``LM`` directly and must get the clear
+"use --model hf or --model vllm" error, not an AttributeError): plain ``--model hf`` and
+``--model vllm`` then serve our requests. The method picks a backend
 engine for the lm object and hands it every document of every longshort task at once.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from lm_eval.api.model import TemplateLM
+from lm_eval.api.model import LM
 
 from lm_eval_longshort.backends.base import ScoringEngine
 from lm_eval_longshort.protocols.runner import Document, evaluate_documents
@@ -55,7 +57,7 @@ def longshort_score(self, requests, disable_tqdm: bool = False) -> list[dict]:
     responses: list[dict | None] = [None] * len(requests)
     for (task, settings_json), indices in by_task.items():
         settings = settings_from_json(settings_json)
-        docs = [Document(requests[i].doc_id, str(requests[i].doc.get("title", "")), requests[i].doc["text"])
+        docs = [Document(int(requests[i].doc.get("doc_index", requests[i].doc_id)), str(requests[i].doc.get("title", "")), requests[i].doc["text"])
                 for i in indices]
         log.info("%s: scoring %d documents on the %s backend", task, len(docs), engine.name)
         for i, response in zip(indices, evaluate_documents(engine, settings, docs, task), strict=True):
@@ -64,6 +66,6 @@ def longshort_score(self, requests, disable_tqdm: bool = False) -> list[dict]:
 
 
 def install() -> None:
-    """Attach the method to lm-eval's TemplateLM (idempotent)."""
-    if getattr(TemplateLM, REQUEST_TYPE, None) is not longshort_score:
-        setattr(TemplateLM, REQUEST_TYPE, longshort_score)
+    """Attach the method to lm-eval's LM base class (idempotent)."""
+    if getattr(LM, REQUEST_TYPE, None) is not longshort_score:
+        setattr(LM, REQUEST_TYPE, longshort_score)

@@ -83,8 +83,18 @@ class _LongShortTask(ConfigurableTask):
         self._settings_json = settings_to_json(self.settings)
         super().__init__(config=config, **kwargs)
 
+    def download(self, dataset_kwargs=None, **kwargs) -> None:
+        super().download(dataset_kwargs, **kwargs)
+        # Number documents by their place in the full list: --samples and multi-rank runs
+        # renumber what they iterate, but the misalignment draws must not change.
+        for split in list(self.dataset):
+            if "doc_index" not in self.dataset[split].column_names:
+                ds = self.dataset[split]
+                self.dataset[split] = ds.add_column("doc_index", list(range(len(ds))))
+
     def construct_requests(self, doc, ctx, **kwargs) -> Instance:
         task, doc_id, _ = kwargs["metadata"]
+        doc_id = int(doc.get("doc_index", doc_id))
         digest = hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()[:12]
         # arguments[0] is what lm-eval hashes for --log_samples and --use_cache: it names
         # the document by content; the text itself is read from `doc` by the LM method.

@@ -29,7 +29,8 @@ def longest_input(s: PerplexitySettings, bos: int | None) -> int:
     """Longest sequence (BOS included) the backend must accept."""
     extra = 1 if bos is not None else 0
     if s.protocol == "ladder":
-        return s.max_length + s.target_tokens - 1 + extra
+        # The window ids[C-L : C+W] is fed whole (its last token is a target, never a context).
+        return s.max_length + s.target_tokens + extra
     return s.max_length + extra
 
 
@@ -41,11 +42,12 @@ def _record(length: int, nll: np.ndarray, n_bytes: int) -> dict:
     return {"L": int(length), "nll_sum": float(nll.sum()), "n_targets": int(nll.size), "n_bytes": int(n_bytes)}
 
 
-# ladder: targets T = ids[C : C+W]; context L reads ids[C-L : C+W-1].
+# ladder: targets T = ids[C : C+W]; context L reads ids[C-L : C+W-1] and predicts each of T.
+# A TargetWindow scores tokens[score_from:], so the window holds the W targets: ids[C-L : C+W].
 def ladder_windows(ids: np.ndarray, s: PerplexitySettings, bos: int | None, label: str) -> list[TargetWindow]:
     c, w = s.max_length, s.target_tokens
     return [
-        TargetWindow(tokens=ids[c - length : c + w - 1], score_from=length, bos=bos, label=f"{label} L={length}")
+        TargetWindow(tokens=ids[c - length : c + w], score_from=length, bos=bos, label=f"{label} L={length}")
         for length in s.lengths
     ]
 

@@ -1,0 +1,49 @@
+"""Shared fixtures: the embedded SmolLM2 (real weights) and the first Shakespeare plays.
+
+Nothing here downloads: `make test` runs `lm-eval-longshort prepare` first, and the
+suite runs with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    from lm_eval_longshort.assets import prepare
+
+    return prepare(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol(assets):
+    """(model, tokenizer) of the embedded SmolLM2-135M, float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(assets.model_dir)
+
+
+@pytest.fixture(scope="session")
+def plays(assets) -> list[dict]:
+    """The corpus rows (title, path, text) in task order."""
+    with open(assets.corpus_file, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="session")
+def hflm(smol):
+    """lm-eval's own HFLM around the already-loaded model (what --model hf builds)."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = smol
+    return HFLM(pretrained=model, tokenizer=tokenizer, max_length=4096, batch_size=1)

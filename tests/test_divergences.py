@@ -1,0 +1,110 @@
+"""Divergences against independent numpy formulas, on random and on real distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import plain_token_logprobs
+
+from lm_eval_longshort.numerics import divergences as D
+
+
+def numpy_divergences(logp: np.ndarray, logq: np.ndarray) -> dict[str, float]:
+    """Textbook definitions in float64, one distribution pair (1-D arrays)."""
+    p, q = np.exp(logp.astype(np.float64)), np.exp(logq.astype(np.float64))
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        keep = a > 0
+        return float(np.sum(a[keep] * (np.log(a[keep]) - np.log(b[keep]))))
+
+    def ce(a, b):
+        keep = a > 0
+        return float(-np.sum(a[keep] * np.log(b[keep])))
+
+    return {
+        "sce": ce(p, q) + ce(q, p),
+        "symkl": kl(p, q) + kl(q, p),
+        "js": 0.5 * kl(p, m) + 0.5 * kl(q, m),
+        "tv": 0.5 * float(np.abs(p - q).sum()),
+        "top1": float(np.argmax(p) == np.argmax(q)),
+        "H_p": ce(p, p),
+        "H_q": ce(q, q),
+    }
+
+
+def random_logprobs(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(rows, vocab, generator=gen) * scale, dim=-1)
+
+
+def check_against_numpy(logp: torch.Tensor, logq: torch.Tensor, rtol: float) -> None:
+    got = D.all_divergences(logp, logq)
+    for i in range(logp.shape[0]):
+        want = numpy_divergences(logp[i].numpy(), logq[i].numpy())
+        for name in D.METRIC_NAMES:
+            assert float(got[name][i]) == pytest.approx(want[name], rel=rtol, abs=1e-6), (name, i)
+        # The single-metric functions agree with the fused one.
+        for name in D.METRIC_NAMES:
+            single = getattr(D, name)(logp[i : i + 1], logq[i : i + 1])[0]
+            assert float(single) == pytest.approx(float(got[name][i]), rel=1e-5, abs=1e-7)
+
+
+def test_random_distributions_match_numpy():
+    check_against_numpy(random_logprobs(6, 5000, 0), random_logprobs(6, 5000, 1), rtol=1e-4)
+
+
+def test_close_distributions_match_numpy():
+    # Small divergences are where float32 cancellation would show.
+    logp = random_logprobs(4, 3000, 2)
+    logq = torch.log_softmax(logp + 0.05 * random_logprobs(4, 3000, 3), dim=-1)
+    check_against_numpy(logp, logq, rtol=1e-3)
+
+
+def test_real_model_distributions_match_numpy(smol, plays):
+    model, tokenizer = smol
+    ids = tokenizer(plays[1]["text"], add_special_tokens=False)["input_ids"][:300]
+    long_rows = plain_token_logprobs(model, ids)[-3:]
+    short_rows = plain_token_logprobs(model, ids[150:])[-3:]  # same end tokens, half the context
+    check_against_numpy(long_rows, short_rows, rtol=1e-4)
+
+
+def test_identical_inputs_and_identities():
+    logp = random_logprobs(5, 2000, 4)
+    logq = random_logprobs(5, 2000, 5)
+    same = D.all_divergences(logp, logp)
+    assert torch.allclose(same["symkl"], torch.zeros(5), atol=1e-6)
+    assert torch.allclose(same["js"], torch.zeros(5), atol=1e-6)
+    assert torch.allclose(same["tv"], torch.zeros(5), atol=1e-6)
+    assert torch.equal(same["top1"], torch.ones(5))
+    assert torch.allclose(same["sce"], 2 * D.entropy(logp), rtol=1e-5)
+
+    got = D.all_divergences(logp, logq)
+    identity = got["symkl"] + D.entropy(logp) + D.entropy(logq)
+    assert torch.allclose(got["sce"], identity, rtol=1e-5)
+    for name in D.METRIC_NAMES:
+        assert bool((got[name] >= 0).all()), name
+    assert bool((got["js"] <= np.log(2) + 1e-6).all())
+    assert bool((got["tv"] <= 1 + 1e-6).all())
+    # Symmetric metrics are symmetric.
+    swapped = D.all_divergences(logq, logp)
+    for name in ("sce", "symkl", "js", "tv"):
+        assert torch.allclose(got[name], swapped[name], rtol=1e-5)
+
+
+def test_zero_probability_entries_are_handled():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+    logq = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    got = D.all_divergences(logp, logq)
+    assert torch.isfinite(got["js"]).all() and torch.isfinite(got["tv"]).all()
+    assert float(got["tv"][0]) == pytest.approx(0.5)
+    assert float(got["js"][0]) == pytest.approx(numpy_divergences(logp[0].numpy(), logq[0].numpy())["js"], rel=1e-6)
+    # q puts mass where p has none: KL(q‖p) is infinite, and so are symkl and sce.
+    assert torch.isinf(got["symkl"]).all() and torch.isinf(got["sce"]).all()
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shapes differ"):
+        D.symkl(torch.zeros(2, 3), torch.zeros(2, 4))
