@@ -20,7 +20,9 @@ def plain_token_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def plain_nll(model, window: list[int], first_scored: int) -> torch.Tensor:
-    """-log p(window[j] | window[:j]) for j >= first_scored, from a plain forward. float64 [n]"""
+    """-log p(window[j] | window[:j]) for j >= first_scored, from one plain forward over the
+    whole window (for length-dependent RoPE this is "the model reads the window"). float64 [n]"""
     logp = plain_token_logprobs(model, window)
     targets = torch.tensor(window[first_scored:])
     return -logp[first_scored - 1 : len(window) - 1].gather(1, targets[:, None])[:, 0].double()
+

@@ -25,12 +25,18 @@ class LengthLimitError(ValueError):
 
 @dataclass(frozen=True)
 class TargetWindow:
-    """Score ``tokens[score_from:]``, each token given every earlier token of the window."""
+    """Score ``tokens[score_from:]``, each token given every earlier token of the window.
+
+    The model is fed ``tokens[:-1]`` (the last token is only a target) unless ``feed_last``:
+    protocols defined as "the model reads ids[0:L]" feed all L tokens, which matters for
+    models whose positions depend on the sequence length.
+    """
 
     tokens: np.ndarray  # [n] int64 document ids
     score_from: int  # first scored index (>= 1, or 0 when a BOS is prepended)
     bos: int | None
     label: str  # where the window comes from, for error messages
+    feed_last: bool = False
 
     def __post_init__(self) -> None:
         first = 0 if self.bos is not None else 1
@@ -39,8 +45,8 @@ class TargetWindow:
 
     @property
     def n_inputs(self) -> int:
-        """Tokens fed to the model: the last token is only a target, never an input."""
-        return len(self.tokens) - 1 + (self.bos is not None)
+        """Tokens fed to the model (BOS included)."""
+        return len(self.tokens) - (0 if self.feed_last else 1) + (self.bos is not None)
 
 
 @dataclass(frozen=True)

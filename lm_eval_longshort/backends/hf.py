@@ -127,14 +127,22 @@ class HFEngine(ScoringEngine):
         return torch.log_softmax(logits, dim=-1)
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
-        """Group request indices longest first, neighbours in length together, within the token budget."""
+        """Group request indices longest first, neighbours in length together, within the token budget.
+
+        With length-dependent positions (dynamic RoPE) a padded row would be encoded at the
+        batch's length, not its own: such models only batch rows of equal length.
+        """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        exact = self.position_dependent
         start = 0
         while start < len(order):
             longest = lengths[order[start]]
             rows = max(1, min(self.max_batch_rows, self.batch_tokens // max(1, longest)))
-            yield order[start : start + rows]
-            start += rows
+            batch = order[start : start + rows]
+            if exact:
+                batch = [i for i in batch if lengths[i] == longest]
+            yield batch
+            start += len(batch)
 
     def _run(self, sequences: Sequence[np.ndarray], desc: str) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Forward every sequence once; yield (indices, hidden [b, T, d]) per batch.
@@ -165,9 +173,9 @@ class HFEngine(ScoringEngine):
         for w in windows:
             self.check_lengths(w.n_inputs, w.label)
         full = [self._with_bos(w.tokens, w.bos) for w in windows]
-        # The last token is only ever a target: feed everything before it.
         out: list[np.ndarray | None] = [None] * len(windows)
-        for batch, hidden in self._run([seq[:-1] for seq in full], "longshort hf: perplexity"):
+        inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
+        for batch, hidden in self._run(inputs, "longshort hf: perplexity"):
             for row, i in enumerate(batch):
                 w, seq = windows[i], torch.as_tensor(full[i], device=self.device)
                 offset = 1 if w.bos is not None else 0

@@ -1,0 +1,102 @@
+"""Misalignment metrics (last and dense) against plain transformers forwards and numpy formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from harness_run import evaluate, metric
+from reference import plain_token_logprobs
+from test_divergences import numpy_divergences
+
+NAMES = ("sce", "symkl", "js", "top1", "tv")
+SEED = 1234
+
+
+def spec_rng(doc_index: int, length: int) -> np.random.Generator:
+    """METRICS.md: numpy.random.default_rng([seed, doc_index, L])."""
+    return np.random.default_rng([SEED, doc_index, length])
+
+
+def test_last_mode_matches_plain_forward(hflm, smol, plays):
+    model, tok = smol
+    lengths, pairs, ratio = [64, 256], 3, 0.5
+    results, samples = evaluate(hflm, "longshort_misalign_shakespeare",
+                                {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio})
+    end = max(lengths)
+    expected = {n: [] for n in lengths}
+    logged = sorted((p for s in samples for p in s["resps"][0][0]["pairs"]),
+                    key=lambda p: (p["doc_index"], p["long_len"]))
+    for doc_index, play in enumerate(plays[:2]):
+        ids = tok(play["text"], add_special_tokens=False)["input_ids"]
+        for n in lengths:
+            # The draw rule of METRICS.md, re-stated here: distinct l in [ceil(ratio*L), L-1].
+            shorts = spec_rng(doc_index, n).choice(np.arange(math.ceil(ratio * n), n), size=pairs, replace=False)
+            p_long = plain_token_logprobs(model, ids[end - n : end])[-1].numpy()
+            for short in shorts:
+                q_short = plain_token_logprobs(model, ids[end - int(short) : end])[-1].numpy()
+                expected[n].append((doc_index, int(short), numpy_divergences(p_long, q_short)))
+    for n in lengths:
+        got = [p for p in logged if p["long_len"] == n]
+        assert [(p["doc_index"], p["short_len"]) for p in got] == [(d, s) for d, s, _ in expected[n]]
+        for pair, (_, _, want) in zip(got, expected[n], strict=True):
+            assert pair["end"] == end
+            for name in NAMES:
+                assert pair[name] == pytest.approx(want[name], rel=1e-3, abs=1e-6), name
+        for name in NAMES:
+            mean = np.mean([want[name] for _, _, want in expected[n]])
+            assert metric(results, f"{name}@{n}") == pytest.approx(mean, rel=1e-3, abs=1e-6), name
+    # Same seed, same numbers, run after run.
+    again, _ = evaluate(hflm, "longshort_misalign_shakespeare",
+                        {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio})
+    assert {k: v for k, v in again.items() if "@" in k} == {k: v for k, v in results.items() if "@" in k}
+
+
+def test_dense_mode_matches_plain_forward(hflm, smol, plays):
+    model, tok = smol
+    lengths, ratio = [64, 160], 0.5
+    results, samples = evaluate(hflm, "longshort_misalign_shakespeare",
+                                {"mode": "dense", "lengths": lengths, "min_ratio": ratio})
+    groups = {(g["doc_index"], g["L"]): g for s in samples for g in s["resps"][0][0]["groups"]}
+    for n in lengths:
+        sums, count = dict.fromkeys(NAMES, 0.0), 0
+        for doc_index, play in enumerate(plays[:2]):
+            ids = tok(play["text"], add_special_tokens=False)["input_ids"]
+            gap = int(spec_rng(doc_index, n).integers(1, n // 2 + 1))
+            a = plain_token_logprobs(model, ids[0:n])  # row t: after ids[t], context t + 1
+            b = plain_token_logprobs(model, ids[gap : gap + n])  # row t - gap: after ids[t], context t + 1 - gap
+            doc_sums, doc_count = dict.fromkeys(NAMES, 0.0), 0
+            for t in range(n):
+                if t >= gap and t + 1 - gap >= math.ceil(ratio * n):
+                    want = numpy_divergences(a[t].numpy(), b[t - gap].numpy())
+                    for name in NAMES:
+                        doc_sums[name] += want[name]
+                    doc_count += 1
+            group = groups[(doc_index, n)]
+            assert group["b_start"] == gap and group["n_positions"] == doc_count
+            for name in NAMES:
+                assert group[f"{name}_sum"] == pytest.approx(doc_sums[name], rel=1e-3, abs=1e-5), name
+                sums[name] += doc_sums[name]
+            count += doc_count
+        for name in NAMES:
+            assert metric(results, f"{name}@{n}") == pytest.approx(sums[name] / count, rel=1e-3, abs=1e-6), name
+
+
+def test_identical_short_input_gives_zero_divergence(smol, plays):
+    """Invariant on the engine: comparing an input with itself gives symkl = js = tv = 0, top1 = 1."""
+    from lm_eval_longshort.backends.base import Prompt
+    from lm_eval_longshort.backends.hf import HFEngine
+    from lm_eval_longshort.numerics.divergences import all_divergences
+
+    model, tok = smol
+    ids = np.asarray(tok(plays[0]["text"], add_special_tokens=False)["input_ids"][:100])
+    engine = HFEngine(model, tok, 1024, progress=False)
+    rows = engine.last_logprobs([Prompt(ids, None, "a"), Prompt(ids, None, "b")])
+    values = all_divergences(rows[0:1], rows[1:2])
+    assert float(values["symkl"][0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(values["tv"][0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(values["top1"][0]) == 1.0
+    reference = torch.log_softmax(model(input_ids=torch.tensor([ids.tolist()])).logits[0, -1].float(), -1)
+    assert torch.allclose(rows[0], reference, atol=1e-4)
