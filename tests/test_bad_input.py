@@ -111,7 +111,7 @@ def test_no_usable_document_is_an_error(hflm, local_files, task, meta, needed):
 
 
 @pytest.mark.parametrize(("task", "meta", "needed"), [
-    (PPL, {"lengths": [64, 8192], "target_tokens": 256}, 8192 + 256),
+    (PPL, {"lengths": [64, 8192], "target_tokens": 256}, 8192 + 256 - 1),  # reads ids[C-L : C+W-1]
     (MIS, {"lengths": [64, 8192]}, 8192),
 ])
 def test_length_above_backend_max_length_says_pass_max_length(hflm, task, meta, needed):

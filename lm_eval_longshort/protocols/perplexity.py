@@ -29,8 +29,8 @@ def longest_input(s: PerplexitySettings, bos: int | None) -> int:
     """Longest sequence (BOS included) the backend must accept."""
     extra = 1 if bos is not None else 0
     if s.protocol == "ladder":
-        # The window ids[C-L : C+W] is fed whole (its last token is a target, never a context).
-        return s.max_length + s.target_tokens + extra
+        # The window ids[C-L : C+W] is fed without its last token (a target, never a context).
+        return s.max_length + s.target_tokens - 1 + extra
     return s.max_length + extra
 
 

@@ -1,0 +1,75 @@
+"""Misalignment throughput on the embedded model (CPU): pairs/s for `last` and `dense`, and
+total scoring time over the bare forward passes the pairs need (target <= 1.10x).
+
+Usage: .venv/bin/python benchmarks/bench_misalignment.py [--docs 2] [--lengths 512 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from _common import corpus, embedded_hflm, timed
+
+
+def bare_last(model, tokenizer, docs, lengths, pairs, seed=1234, ratio=0.5):
+    """One plain forward per long and short input (the passes `last` needs), final-position log-softmax."""
+    import math
+
+    c = max(lengths)
+    with torch.inference_mode():
+        for index, doc in enumerate(docs):
+            ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+            for n in lengths:
+                rng = np.random.default_rng([seed, index, n])
+                shorts = rng.choice(np.arange(math.ceil(ratio * n), n), size=pairs, replace=False)
+                for size in [n, *shorts]:
+                    logits = model(input_ids=torch.tensor([ids[c - int(size) : c]]), logits_to_keep=1).logits
+                    torch.log_softmax(logits[0, -1].float(), -1)
+
+
+def bare_dense(model, tokenizer, docs, lengths):
+    """Two plain forwards (A and B) per document and length."""
+    with torch.inference_mode():
+        for doc in docs:
+            ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+            for n in lengths:
+                model.model(input_ids=torch.tensor([ids[:n], ids[n // 4 : n // 4 + n]]))
+
+
+def main() -> None:
+    from harness_run import evaluate
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--pairs", type=int, default=4)
+    args = parser.parse_args()
+    lm, model, tokenizer = embedded_hflm()
+    docs = corpus(args.docs)
+    t: dict[str, float] = {}
+    evaluate(lm, "longshort_misalign_shakespeare", {"lengths": [64], "pairs": 1}, limit=1)  # warm-up
+
+    meta = {"mode": "last", "lengths": args.lengths, "pairs": args.pairs}
+    with timed(t, "last"):
+        evaluate(lm, "longshort_misalign_shakespeare", meta, limit=args.docs)
+    with timed(t, "bare_last"):
+        bare_last(model, tokenizer, docs, args.lengths, args.pairs)
+    n_pairs = args.docs * len(args.lengths) * args.pairs
+    print(f"last: {n_pairs} pairs in {t['last']:.2f} s = {n_pairs / t['last']:.2f} pairs/s; "
+          f"bare forwards {t['bare_last']:.2f} s; ratio {t['last'] / t['bare_last']:.3f}x (target <= 1.10x)")
+
+    with timed(t, "dense"):
+        _, samples = evaluate(lm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": args.lengths},
+                              limit=args.docs)
+    with timed(t, "bare_dense"):
+        bare_dense(model, tokenizer, docs, args.lengths)
+    positions = sum(g["n_positions"] for s in samples for g in s["resps"][0][0]["groups"])
+    print(f"dense: {positions} compared positions in {t['dense']:.2f} s = {positions / t['dense']:.1f} pairs/s; "
+          f"bare decoder passes {t['bare_dense']:.2f} s; ratio {t['dense'] / t['bare_dense']:.3f}x "
+          "(dense also computes 2 full-vocabulary log-softmaxes per position)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Perplexity benchmarks on the embedded model (CPU): prints measured ratios, asserts nothing.
+
+1. ladder overhead: the plugin through ``lm_eval.simple_evaluate`` vs bare forwards over
+   exactly the same windows in the same process, warm (target: <= 1.05x);
+2. truncate: one pass for all lengths vs YaRN-style per-length passes (expect ~1.8x for
+   doubling lengths).
+
+Usage: .venv/bin/python benchmarks/bench_perplexity.py [--docs 2] [--lengths 1024 2048 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import corpus, embedded_hflm, timed
+
+
+def bare_ladder(model, tokenizer, docs, lengths, w):
+    """Plain forwards over the ladder windows ids[C-L : C+W-1]; returns the summed target NLL."""
+    c, total = max(lengths), 0.0
+    with torch.inference_mode():
+        for doc in docs:
+            ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+            for n in lengths:
+                window = torch.tensor([ids[c - n : c + w]])
+                # Logits only for the W positions that predict targets (the cheapest bare forward).
+                logits = model(input_ids=window[:, :-1], logits_to_keep=w).logits[0].float()
+                total += -torch.log_softmax(logits, -1).gather(1, window[0, -w:, None]).sum().item()
+    return total
+
+
+def main() -> None:
+    from harness_run import evaluate
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--target-tokens", type=int, default=256)
+    parser.add_argument("--truncate-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    args = parser.parse_args()
+    lm, model, tokenizer = embedded_hflm()
+    docs = corpus(args.docs)
+    meta = {"protocol": "ladder", "lengths": args.lengths, "target_tokens": args.target_tokens}
+    t: dict[str, float] = {}
+
+    evaluate(lm, "longshort_ppl_shakespeare", {**meta, "lengths": [64]}, limit=1)  # warm-up
+    bare_ladder(model, tokenizer, docs[:1], [64], 16)
+    with timed(t, "plugin"):
+        results, _ = evaluate(lm, "longshort_ppl_shakespeare", meta, limit=args.docs)
+    with timed(t, "bare"):
+        bare_ladder(model, tokenizer, docs, args.lengths, args.target_tokens)
+    print(f"ladder, {args.docs} docs, lengths {args.lengths}, W={args.target_tokens}")
+    print(f"  plugin via simple_evaluate: {t['plugin']:.2f} s   bare forwards: {t['bare']:.2f} s   "
+          f"overhead ratio: {t['plugin'] / t['bare']:.3f}x (target <= 1.05x)")
+
+    meta = {"protocol": "truncate", "lengths": args.truncate_lengths}
+    with timed(t, "single"):
+        evaluate(lm, "longshort_ppl_shakespeare", {**meta, "single_pass": True}, limit=args.docs)
+    with timed(t, "per_length"):
+        evaluate(lm, "longshort_ppl_shakespeare", {**meta, "single_pass": False}, limit=args.docs)
+    print(f"truncate, {args.docs} docs, lengths {args.truncate_lengths}")
+    print(f"  single pass: {t['single']:.2f} s   per-length passes: {t['per_length']:.2f} s   "
+          f"speedup: {t['per_length'] / t['single']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
