@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from reference import plain_nll, plain_token_logprobs
 
@@ -42,18 +41,7 @@ MISALIGN_METRICS = ("sce", "symkl", "js", "top1", "tv")
 
 
 def _env() -> dict:
-    # One torch thread: on a shared 2-core machine two spinning OpenMP threads run ~10x slower.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The in-process reference forwards, single-threaded for this module (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -100,6 +100,18 @@ def sliding_spans(n_doc: int, length: int, stride: int, bos: int | None) -> list
         begin += stride
 
 
+def check_sliding(s: PerplexitySettings, bos: int | None) -> None:
+    """Without a BOS a window's first token has no context: a stride of L would leave it unscored."""
+    if s.protocol != "sliding" or bos is not None:
+        return
+    for length in s.lengths:
+        if s.stride_for(length) >= length:
+            raise ValueError(
+                f"metadata stride={s.stride_for(length)} with window L={length} and no BOS token would leave the "
+                f"first token of every later window unscored; use stride <= {length - 1} (or add_bos=true)"
+            )
+
+
 def _doc_end(ids: np.ndarray, s: PerplexitySettings) -> int:
     return min(len(ids), s.doc_tokens_cap())
 

@@ -64,6 +64,8 @@ def evaluate_documents(
     bos = resolve_bos(tokenizer, settings.add_bos)
     family = ppl if settings.kind == "ppl" else mis
     engine.check_lengths(family.longest_input(settings, bos), f"task {task} at max(lengths)={settings.max_length}")
+    if settings.kind == "ppl":
+        ppl.check_sliding(settings, bos)
 
     token_ids = [tokenize(tokenizer, d.text) for d in docs]
     usable, responses = [], []
