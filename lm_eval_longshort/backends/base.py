@@ -116,8 +116,13 @@ class ScoringEngine(abc.ABC):
         """[n, V] float32 log-softmax of the next-token logits after each prompt."""
 
     @abc.abstractmethod
-    def aligned_divergences(self, pairs: Sequence[AlignedPair]) -> list[dict[str, np.ndarray]]:
-        """Per pair, {metric: float64 [k]} divergences between the compared positions."""
+    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+        """Per pair, {metric: float64 [k]} divergences between the compared positions.
+
+        ``topk``: the list size of backends that approximate from top-K lists (vllm; exact
+        backends ignore it). Approximate backends add per-position error bounds
+        (``tv_err_bound``, ``js_err_bound``) to each dict.
+        """
 
     @property
     def approximate_dense(self) -> bool:

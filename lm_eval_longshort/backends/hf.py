@@ -201,7 +201,8 @@ class HFEngine(ScoringEngine):
                 out[i] = logp[row].cpu()
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def aligned_divergences(self, pairs: Sequence[AlignedPair]) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
         out = []

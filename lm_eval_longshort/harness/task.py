@@ -150,12 +150,16 @@ class PerplexityTask(_LongShortTask):
 
 
 class MisalignTask(_LongShortTask):
-    """``longshort_misalign_*``: sce@L, symkl@L, js@L, top1@L, tv@L, skipped_docs."""
+    """``longshort_misalign_*``: sce@L, symkl@L, js@L, top1@L, tv@L, approximate, skipped_docs.
+
+    ``approximate`` is 1.0 when the backend approximated (vllm's top-K dense mode), else 0.0.
+    """
 
     KIND = "misalign"
 
     def aggregation(self) -> dict:
         aggs = {f"{m}@{n}": aggregate.pooled_ratio for m in METRIC_NAMES for n in self.settings.lengths}
+        aggs["approximate"] = aggregate.maximum
         aggs["skipped_docs"] = aggregate.count
         return aggs
 
@@ -172,4 +176,6 @@ class MisalignTask(_LongShortTask):
                 counts[group["L"]] += group["n_positions"]
                 for m in METRIC_NAMES:
                     sums[(m, group["L"])] += group[f"{m}_sum"]
-        return {f"{m}@{n}": (sums[(m, n)], counts[n]) for m in METRIC_NAMES for n in self.settings.lengths}
+        values = {f"{m}@{n}": (sums[(m, n)], counts[n]) for m in METRIC_NAMES for n in self.settings.lengths}
+        values["approximate"] = float(bool(response.get("approximate", False)))
+        return values

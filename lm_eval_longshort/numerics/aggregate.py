@@ -36,6 +36,12 @@ def bits_per_byte(pairs: Iterable[Pair]) -> float:
     return pooled_ratio(pairs) / math.log(2.0)
 
 
+def maximum(values: Iterable[float | None]) -> float:
+    """Largest non-None value (NaN if none), e.g. the ``approximate`` flag: 1.0 if any document was."""
+    present = [float(v) for v in values if v is not None]
+    return max(present) if present else math.nan
+
+
 def count(values: Iterable[int | None]) -> int:
     """Σ of per-document counts (used for ``skipped_docs``)."""
     return int(sum(v for v in values if v is not None))

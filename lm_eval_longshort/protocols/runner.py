@@ -163,13 +163,15 @@ def _score_dense(engine: ScoringEngine, s: MisalignSettings, docs_ids, bos) -> N
         doc_pairs, layout = mis.dense_pairs(ids, s, doc.doc_index, bos, _label(doc))
         pairs.extend(doc_pairs)
         layouts.append(layout)
-    values = engine.aligned_divergences(pairs)
+    values = engine.aligned_divergences(pairs, topk=s.topk)
     cursor = 0
     for (_, _, response), layout in zip(docs_ids, layouts, strict=True):
         for group in layout:
             per_position = values[cursor]
             cursor += 1
-            group.update({f"{name}_sum": float(np.sum(per_position[name])) for name in METRIC_NAMES})
+            # Every per-position array: the metrics, plus error bounds from approximate backends
+            # (tv_err_bound -> tv_err_bound_sum).
+            group.update({f"{name}_sum": float(np.sum(array)) for name, array in per_position.items()})
         response["groups"] = layout
         response["mode"] = "dense"
         response["approximate"] = engine.approximate_dense

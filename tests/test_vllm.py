@@ -1,0 +1,292 @@
+"""The vllm backend on the REAL vLLM CPU engine, against the hf backend on the same documents.
+
+One engine for the module, built through lm-eval's own ``VLLM`` class (what ``--model vllm``
+builds), float32 (the CPU build accepts it), ``max_model_len=2048``, ``max_logprobs=-1``.
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it starts in
+~15 s instead of ~35 s and needs no spawned processes. In-process, vLLM's CPU worker replaces
+``torch.set_num_threads`` with a no-op; the fixture puts it back afterwards.
+
+Tolerances: perplexity within 1% of hf float32 (measured: ~1e-6 relative), ``last`` symkl
+within 5% + 1e-3, dense top-K values are lower bounds of the exact hf values and the exact
+tv/js lie within approximation + error bound.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from harness_run import evaluate, metric
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
+
+PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
+MAX_MODEL_LEN = 2048
+REL_PPL = 0.01
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def engine_args(model_dir) -> dict:
+    return dict(pretrained=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, max_logprobs=-1,
+                gpu_memory_utilization=0.3, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def vllm_lm(assets):
+    """lm-eval's VLLM around a real in-process vLLM engine (torch threading restored after)."""
+    from lm_eval.models.vllm_causallms import VLLM
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        lm = VLLM(**engine_args(assets.model_dir))
+        yield lm
+        lm.model.llm_engine.engine_core.shutdown()
+    torch.set_num_threads = set_threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_lm, hflm):
+    """(vllm engine, hf engine), both without progress bars."""
+    from lm_eval_longshort.harness.lm_method import engine_for
+
+    vllm_engine, hf_engine = engine_for(vllm_lm), engine_for(hflm)
+    vllm_engine.progress = hf_engine.progress = False
+    return vllm_engine, hf_engine
+
+
+@pytest.fixture(scope="module")
+def doc_ids(vllm_lm, plays) -> list[np.ndarray]:
+    return [np.asarray(vllm_lm.tokenizer(p["text"], add_special_tokens=False)["input_ids"]) for p in plays[:2]]
+
+
+def test_engine_facts(vllm_lm, engines):
+    """What the engine reports: float32, max_length = max_model_len - 1, static RoPE, dense approximated."""
+    engine, _ = engines
+    assert type(engine).__name__ == "VLLMEngine" and engine.name == "vllm"
+    assert engine.model_config.dtype == torch.float32
+    assert engine.max_model_len == MAX_MODEL_LEN and engine.max_length == MAX_MODEL_LEN - 1
+    assert engine.vocab_size == 49152 and engine.model_config.logprobs_mode == "raw_logprobs"
+    assert engine.position_dependent is False and engine.approximate_dense is True
+    assert engine.tokenizer is vllm_lm.tokenizer
+
+
+# --------------------------------------------------------------------------- engine level
+
+
+def test_target_nll_matches_hf_with_bos_and_at_max_length(engines, doc_ids):
+    """Index shift by BOS, feed_last both ways, and a window of exactly max_length inputs."""
+    from lm_eval_longshort.backends.base import TargetWindow
+
+    engine, hf = engines
+    ids = doc_ids[0]
+    windows = [
+        TargetWindow(ids[:300], score_from=1, bos=None, label="plain"),
+        TargetWindow(ids[100:400], score_from=0, bos=0, label="bos, last token only a target"),
+        TargetWindow(ids[50:250], score_from=20, bos=0, label="bos, fed whole", feed_last=True),
+        TargetWindow(ids[:MAX_MODEL_LEN], score_from=1900, bos=None, label="max_length inputs"),
+    ]
+    assert windows[-1].n_inputs == engine.max_length
+    got, want = engine.target_nll(windows), hf.target_nll(windows)
+    for w, a, b in zip(windows, got, want, strict=True):
+        assert a.dtype == np.float64 and a.shape == b.shape == (len(w.tokens) - w.score_from,), w.label
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=w.label)
+
+
+def test_last_logprobs_are_the_raw_full_distribution(engines, doc_ids):
+    """Dense [n, V] float32 rows equal hf's log_softmax: raw log-probabilities, every id, sum 1."""
+    from lm_eval_longshort.backends.base import Prompt
+
+    engine, hf = engines
+    ids = doc_ids[1]
+    prompts = [Prompt(ids[:n], None, f"n={n}") for n in (17, 300, 999)] + [Prompt(ids[5:80], 0, "bos")]
+    got, want = engine.last_logprobs(prompts), hf.last_logprobs(prompts)
+    assert got.dtype == torch.float32 and got.shape == (4, engine.vocab_size)
+    assert torch.allclose(got.double().exp().sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-4)
+    assert (got - want).abs().max().item() < 1e-3
+
+
+def test_dense_topk_bounds_per_position(engines, doc_ids):
+    """Per position: approximation <= exact (sce, symkl, js, tv), exact tv/js <= approximation + bound."""
+    from lm_eval_longshort.backends.base import AlignedPair
+
+    engine, hf = engines
+    ids, length, gap = doc_ids[0], 384, 70
+    t = np.arange(gap + length // 2, length)
+    pair = AlignedPair(ids[:length], ids[gap : gap + length], t, t - gap, None, "pair")
+    exact = hf.aligned_divergences([pair])[0]
+    for k in (8, 64):
+        approx = engine.aligned_divergences([pair], topk=k)[0]
+        for name in ("sce", "symkl", "js", "tv"):
+            assert np.all(approx[name] <= exact[name] + 1e-3 + 1e-3 * exact[name]), (k, name)
+        for name in ("tv", "js"):
+            assert np.all(exact[name] <= approx[name] + approx[f"{name}_err_bound"] + 1e-4), (k, name)
+        assert np.mean(approx["top1"] == exact["top1"]) >= 0.98, k  # exact up to near-ties
+    # A larger K is a finer partition: closer, with smaller bounds.
+    assert approx["tv_err_bound"].mean() < engine.aligned_divergences([pair], topk=8)[0]["tv_err_bound"].mean()
+
+
+# --------------------------------------------------------------------------- through lm-eval
+
+
+@pytest.mark.parametrize("meta", [
+    {"protocol": "ladder", "lengths": [64, 256], "target_tokens": 64},
+    {"protocol": "truncate", "lengths": [64, 256]},
+    {"protocol": "sliding", "lengths": [64, 128], "max_doc_tokens": 300},
+], ids=lambda m: m["protocol"])
+def test_perplexity_matches_hf(vllm_lm, hflm, meta):
+    got, got_samples = evaluate(vllm_lm, PPL, meta)
+    want, want_samples = evaluate(hflm, PPL, meta)
+    keys = [k.split(",")[0] for k in want if k.startswith(("ppl@", "bpb@", "keyppl")) and "_stderr" not in k]
+    assert {f"ppl@{n}" for n in meta["lengths"]} <= set(keys)
+    rel = {k: abs(metric(got, k) / metric(want, k) - 1) for k in keys if math.isfinite(metric(want, k))}
+    print(f"\n{meta['protocol']}: max relative ppl/bpb difference vllm vs hf {max(rel.values()):.2e}")
+    assert max(rel.values()) < REL_PPL, rel
+    for a, b in zip(sorted(got_samples, key=lambda s: s["doc_id"]), sorted(want_samples, key=lambda s: s["doc_id"])):
+        for ra, rb in zip(a["resps"][0][0]["records"], b["resps"][0][0]["records"], strict=True):
+            assert (ra["L"], ra["n_targets"], ra["n_bytes"]) == (rb["L"], rb["n_targets"], rb["n_bytes"])
+            assert ra["nll_sum"] == pytest.approx(rb["nll_sum"], rel=REL_PPL)
+
+
+def test_misalignment_last_matches_hf(vllm_lm, hflm):
+    meta = {"mode": "last", "lengths": [64, 256], "pairs": 3}
+    got, got_samples = evaluate(vllm_lm, MIS, meta)
+    want, want_samples = evaluate(hflm, MIS, meta)
+    pairs = lambda samples: [p for s in sorted(samples, key=lambda s: s["doc_id"]) for p in s["resps"][0][0]["pairs"]]  # noqa: E731
+    got_pairs, want_pairs = pairs(got_samples), pairs(want_samples)
+    assert len(got_pairs) == len(want_pairs) == 2 * 2 * 3
+    worst = 0.0
+    for a, b in zip(got_pairs, want_pairs, strict=True):
+        assert (a["doc_index"], a["long_len"], a["short_len"]) == (b["doc_index"], b["long_len"], b["short_len"])
+        assert a["symkl"] == pytest.approx(b["symkl"], rel=0.05, abs=1e-3)
+        worst = max(worst, abs(a["symkl"] - b["symkl"]) / max(b["symkl"], 1e-12))
+    agree = np.mean([a["top1"] == b["top1"] for a, b in zip(got_pairs, want_pairs)])
+    print(f"\nlast: max relative symkl difference {worst:.2e}, top1 agreement {agree:.2f}")
+    assert agree >= 0.9
+    assert metric(got, "approximate") == 0.0 == metric(want, "approximate")
+
+
+def test_misalignment_dense_is_a_labelled_lower_bound(vllm_lm, hflm):
+    meta = {"mode": "dense", "lengths": [64, 160], "topk": 32}
+    got, got_samples = evaluate(vllm_lm, MIS, meta)
+    want, want_samples = evaluate(hflm, MIS, meta)
+    assert metric(got, "approximate") == 1.0 and metric(want, "approximate") == 0.0
+    groups = lambda samples: {(g["doc_index"], g["L"]): g for s in samples for g in s["resps"][0][0]["groups"]}  # noqa: E731
+    got_groups, want_groups = groups(got_samples), groups(want_samples)
+    assert got_groups.keys() == want_groups.keys() and len(got_groups) == 4
+    assert all(s["resps"][0][0]["approximate"] is True for s in got_samples)
+    for key, a in got_groups.items():
+        b, tol = want_groups[key], 1e-3 * a["n_positions"]
+        assert a["n_positions"] == b["n_positions"]
+        for name in ("sce", "symkl", "js", "tv"):
+            assert a[f"{name}_sum"] <= b[f"{name}_sum"] * (1 + 1e-3) + tol, (key, name)
+        for name in ("tv", "js"):
+            assert b[f"{name}_sum"] <= a[f"{name}_sum"] + a[f"{name}_err_bound_sum"] + tol, (key, name)
+        assert abs(a["top1_sum"] - b["top1_sum"]) <= 1, key
+        assert "tv_err_bound_sum" not in b  # hf is exact
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_engine_without_max_logprobs_minus_one_says_add_it(engines, doc_ids):
+    """With vLLM's default max_logprobs=20 vLLM itself rejects logprobs=-1; we say what to add first."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from lm_eval_longshort.backends.base import AlignedPair, Prompt
+
+    engine, _ = engines
+    config = engine.model_config
+    ids = doc_ids[0][:64]
+    pair = AlignedPair(ids, ids, np.arange(40, 64), np.arange(40, 64), None, "pair")
+    config.max_logprobs = 20  # what an engine started without max_logprobs=-1 has
+    try:
+        with pytest.raises(Exception, match=r"greater than max allowed: 20"):  # vLLM's own check
+            engine.llm.generate([TokensPrompt(prompt_token_ids=ids.tolist())],
+                                SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)
+        with pytest.raises(ValueError, match=r"max_logprobs=20; add max_logprobs=-1 to --model_args"):
+            engine.last_logprobs([Prompt(ids, None, "p")])
+        with pytest.raises(ValueError, match=r"topk=32 .*max_logprobs=20; add max_logprobs=-1"):
+            engine.aligned_divergences([pair], topk=32)
+        assert engine.target_nll([_window(ids)])[0].shape == (63,)  # perplexity needs no top lists
+    finally:
+        config.max_logprobs = -1
+
+
+def _window(ids):
+    from lm_eval_longshort.backends.base import TargetWindow
+
+    return TargetWindow(ids, score_from=1, bos=None, label="w")
+
+
+@pytest.mark.parametrize(("task", "meta", "needed"), [
+    (PPL, {"lengths": [64, 4096], "target_tokens": 256}, 4096 + 256 - 1),
+    (MIS, {"lengths": [64, 2048]}, 2048),  # = max_model_len: one token too many for vLLM
+])
+def test_length_beyond_max_model_len_names_the_fix(vllm_lm, task, meta, needed):
+    from lm_eval_longshort.backends.base import LengthLimitError
+
+    with pytest.raises(LengthLimitError) as info:
+        evaluate(vllm_lm, task, meta)
+    message = str(info.value)
+    assert f"needs {needed} input tokens" in message and f"max_model_len={MAX_MODEL_LEN}" in message, message
+    assert f"use max_model_len={needed + 1} or more" in message, message
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in message and "hf_overrides" in message, message
+
+
+def test_data_parallel_is_refused_with_the_alternatives():
+    """With data_parallel_size > 1 lm-eval's VLLM has no ``model`` (Ray workers hold the engines)."""
+    from lm_eval.models.vllm_causallms import VLLM
+
+    from lm_eval_longshort.harness.lm_method import engine_for
+
+    lm = VLLM.__new__(VLLM)  # the object as lm-eval leaves it for data_parallel_size=2
+    lm.data_parallel_size = 2
+    with pytest.raises(ValueError, match=r"need data_parallel_size=1.*got data_parallel_size=2.*tensor_parallel_size"):
+        engine_for(lm)
+
+
+def test_package_imports_no_vllm():
+    """Only backends/vllm.py imports vllm: the package works where vllm is not installed."""
+    code = ("import sys, lm_eval_longshort.harness.task, lm_eval_longshort.protocols.runner, "
+            "lm_eval_longshort.backends.hf, lm_eval_longshort.cli; "
+            "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the real CLI
+
+
+def test_lm_eval_cli_model_vllm(assets, hflm, tmp_path):
+    """`lm_eval --model vllm` as users run it (vLLM's default separate engine-core process), both
+    installed task families in one command, one document; equals hf within the tolerances."""
+    meta = {"lengths": [64, 128], "target_tokens": 32, "pairs": 2}
+    args = dict(engine_args(assets.model_dir), max_model_len=512)
+    model_args = ",".join(f"{k}={v}" for k, v in args.items())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    proc = subprocess.run([str(BIN / "lm_eval"), "--model", "vllm", "--model_args", model_args, "--tasks",
+                           f"{PPL},{MIS}", "--limit", "1", "--metadata", json.dumps(meta), "--output_path",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    got = json.loads(Path(path).read_text())["results"]
+    want_ppl, _ = evaluate(hflm, PPL, meta, limit=1)
+    want_mis, _ = evaluate(hflm, MIS, meta, limit=1)
+    for n in meta["lengths"]:
+        assert got[PPL][f"ppl@{n},none"] == pytest.approx(metric(want_ppl, f"ppl@{n}"), rel=REL_PPL)
+        assert got[MIS][f"symkl@{n},none"] == pytest.approx(metric(want_mis, f"symkl@{n}"), rel=0.05, abs=1e-3)
+    assert got[MIS]["approximate,none"] == 0.0
