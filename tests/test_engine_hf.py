@@ -41,7 +41,14 @@ def test_batched_misalignment_equals_unbatched(smol, plays):
     docs = [Document(i, p["title"], p["text"]) for i, p in enumerate(plays[:2])]
     settings = parse_settings("misalign", {"lengths": [48, 128], "pairs": 3})
     one = evaluate_documents(HFEngine(model, tok, 1024, max_batch_rows=1, progress=False), settings, docs, "t")
-    many = evaluate_documents(HFEngine(model, tok, 1024, max_batch_rows=16, progress=False), settings, docs, "t")
+    engine = HFEngine(model, tok, 1024, max_batch_rows=16, progress=False)
+    many = evaluate_documents(engine, settings, docs, "t")
+    # A task's batch_tokens applies to its own scoring only; the shared engine keeps its budget.
+    small = evaluate_documents(engine, parse_settings("misalign", {"lengths": [48, 128], "pairs": 3,
+                                                                   "batch_tokens": 130}), docs, "t")
+    assert engine.batch_tokens == 32768
+    assert [p["symkl"] for d in small for p in d["pairs"]] == pytest.approx(
+        [p["symkl"] for d in many for p in d["pairs"]], rel=1e-3, abs=1e-6)
     for doc_one, doc_many in zip(one, many, strict=True):
         for a, b in zip(doc_one["pairs"], doc_many["pairs"], strict=True):
             assert (a["long_len"], a["short_len"]) == (b["long_len"], b["short_len"])

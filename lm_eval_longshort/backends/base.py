@@ -86,6 +86,7 @@ class ScoringEngine(abc.ABC):
     """A model that scores token windows exactly. Implementations: ``hf``, ``vllm``."""
 
     name: str = "base"
+    batch_tokens: int = 32768  # most tokens per forward batch / generate call (a task may override it)
 
     @property
     @abc.abstractmethod

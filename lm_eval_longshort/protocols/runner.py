@@ -87,12 +87,18 @@ def evaluate_documents(
         )
 
     docs_ids = [(docs[i], token_ids[i], responses[i]) for i in usable]
-    if settings.kind == "ppl":
-        _score_perplexity(engine, settings, docs_ids, bos)
-    elif settings.mode == "last":
-        _score_last(engine, settings, docs_ids, bos)
-    else:
-        _score_dense(engine, settings, docs_ids, bos)
+    backend_budget = engine.batch_tokens
+    if settings.batch_tokens is not None:  # this task's budget; the engine is shared by tasks
+        engine.batch_tokens = settings.batch_tokens
+    try:
+        if settings.kind == "ppl":
+            _score_perplexity(engine, settings, docs_ids, bos)
+        elif settings.mode == "last":
+            _score_last(engine, settings, docs_ids, bos)
+        else:
+            _score_dense(engine, settings, docs_ids, bos)
+    finally:
+        engine.batch_tokens = backend_budget
     return responses
 
 

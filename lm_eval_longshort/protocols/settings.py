@@ -39,8 +39,8 @@ class PerplexitySettings:
     """ladder key tokens: -nll_long must exceed beta (the long-context prediction is confident)."""
     add_bos: str = "auto"
     """``auto`` (prepend BOS iff the tokenizer does so for plain text), ``true`` or ``false``."""
-    batch_tokens: int = 32768
-    """Most tokens per forward batch (equal-length windows are batched up to this)."""
+    batch_tokens: int | None = None
+    """Most tokens per forward batch / generate call; default: the backend's (hf 32768, vllm 262144)."""
 
     kind = "ppl"
 
@@ -71,8 +71,8 @@ class MisalignSettings:
     """Seeds numpy.random.default_rng([seed, doc_index, L])."""
     add_bos: str = "auto"
     """As for perplexity."""
-    batch_tokens: int = 32768
-    """Most tokens per forward batch."""
+    batch_tokens: int | None = None
+    """As for perplexity."""
     topk: int = 256
     """vllm dense mode only: the top-K approximation's K (results are labelled approximate)."""
 
@@ -161,9 +161,9 @@ def _convert(key: str, value: Any) -> Any:
         return _as_bos(value)
     if key == "single_pass":
         return _as_optional_bool(key, value)
-    if key in ("target_tokens", "pairs", "batch_tokens", "topk"):
+    if key in ("target_tokens", "pairs", "topk"):
         return _as_int(key, value, 1)
-    if key in ("stride", "max_doc_tokens"):
+    if key in ("stride", "max_doc_tokens", "batch_tokens"):
         return None if value is None else _as_int(key, value, 1)
     if key == "seed":
         return _as_int(key, value, 0)
@@ -188,7 +188,7 @@ def parse_settings(
     unknown = []
     for key, value in metadata.items():
         if key in own:
-            if value is not None or key in ("stride", "max_doc_tokens", "single_pass"):
+            if value is not None or key in ("stride", "max_doc_tokens", "single_pass", "batch_tokens"):
                 values[key] = _convert(key, value)
         elif key in HARNESS_KEYS or key in foreign_keys:
             continue
