@@ -11,7 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 Pair = Sequence[float] | None
+
+# How a pooled ratio R = Σa/Σb becomes the reported value: ppl = exp(R), bpb = R / ln 2.
+TRANSFORMS = ("identity", "exp", "bits")
 
 
 def pooled_ratio(pairs: Iterable[Pair]) -> float:
@@ -45,3 +50,75 @@ def maximum(values: Iterable[float | None]) -> float:
 def count(values: Iterable[int | None]) -> int:
     """Σ of per-document counts (used for ``skipped_docs``)."""
     return int(sum(v for v in values if v is not None))
+
+
+def _present(pairs: Iterable[Pair]) -> np.ndarray:
+    """[n, 2] float64 array of the non-skipped (numerator, denominator) pairs."""
+    rows = [(float(p[0]), float(p[1])) for p in pairs if p is not None]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+
+
+def linearized(pairs: Iterable[Pair]) -> tuple[float, np.ndarray]:
+    """(R, u): the pooled ratio and each document's influence on it.
+
+    ``u_d = (a_d - R·b_d) / mean(b)`` is the first-order change of R per document (delta
+    method); the u_d sum to 0, and ``se(R) = sqrt(Σ u_d² / (n(n-1)))``.
+    """
+    ab = _present(pairs)
+    den = ab[:, 1].sum()
+    if len(ab) == 0 or den <= 0:
+        return math.nan, np.zeros(len(ab))
+    ratio = ab[:, 0].sum() / den
+    return float(ratio), (ab[:, 0] - ratio * ab[:, 1]) / ab[:, 1].mean()
+
+
+def _transform(ratio: float, u: np.ndarray, transform: str) -> tuple[float, np.ndarray]:
+    """The reported value and its per-document influences, for ``transform`` of TRANSFORMS."""
+    if transform == "identity":
+        return ratio, u
+    if transform == "exp":  # d exp(R) = exp(R) dR
+        value = math.exp(ratio) if math.isfinite(ratio) else math.nan
+        return value, value * u
+    if transform == "bits":
+        return ratio / math.log(2.0), u / math.log(2.0)
+    raise ValueError(f"transform={transform!r} must be one of {TRANSFORMS}")
+
+
+def _se(u: np.ndarray) -> float:
+    n = len(u)
+    return math.sqrt(float(u @ u) / (n * (n - 1))) if n >= 2 else math.nan
+
+
+def ratio_stderr(pairs: Iterable[Pair], transform: str = "identity") -> float:
+    """Standard error of a pooled ratio over documents (delta method; documents are the unit).
+
+    ``se(R) = sqrt(Σ_d (a_d - R·b_d)² / (n(n-1))) / mean(b)``; ``transform="exp"`` gives
+    se(exp R) = exp(R)·se(R) (perplexity), ``"bits"`` se(R)/ln 2. NaN with fewer than 2 documents.
+
+    >>> round(ratio_stderr([(2.0, 1.0), (4.0, 1.0), (3.0, 2.0)]), 4)
+    0.7099
+    """
+    ratio, u = linearized(pairs)
+    return _se(_transform(ratio, u, transform)[1])
+
+
+def paired_difference(pairs_x: Sequence[Pair], pairs_y: Sequence[Pair],
+                      transform: str = "identity") -> tuple[float, float]:
+    """(value_x - value_y, its standard error) for two ratios measured on the SAME documents.
+
+    ``pairs_x[d]`` and ``pairs_y[d]`` belong to document d (e.g. two models, or two lengths of
+    one run); the error comes from the per-document differences of the linearised values, so
+    what the documents share cancels (a paired test, not the two errors combined). A document
+    missing on either side (None) is left out of both.
+
+    >>> d, se = paired_difference([(2.0, 1.0), (4.0, 1.0)], [(1.0, 1.0), (3.0, 1.0)])
+    >>> d, se
+    (1.0, 0.0)
+    """
+    if len(pairs_x) != len(pairs_y):
+        raise ValueError(f"paired_difference needs one pair per document on both sides, got "
+                         f"{len(pairs_x)} and {len(pairs_y)}")
+    both = [(x, y) for x, y in zip(pairs_x, pairs_y) if x is not None and y is not None]
+    value_x, u_x = _transform(*linearized([x for x, _ in both]), transform)
+    value_y, u_y = _transform(*linearized([y for _, y in both]), transform)
+    return value_x - value_y, _se(u_x - u_y)
