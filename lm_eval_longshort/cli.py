@@ -50,8 +50,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    """Print each run's per-length table and scalar metrics."""
-    print("\n\n".join(reporting.format_run_report(run) for run in _load(args)))
+    """Print each run's per-length table (± standard errors) and scalars, then which runs
+    measured different things."""
+    print(reporting.format_report(_load(args)))
     return 0
 
 
@@ -62,16 +63,31 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     _add_results_arguments(parser)
     parser.add_argument("-o", "--output", default="longshort.png", metavar="OUT.png",
                         help="where to save the figure (default: %(default)s)")
-    parser.add_argument("--trained-context", type=int, metavar="N", default=None,
+    parser.add_argument("--trained-context", type=_positive_int, metavar="N", default=None,
                         help="draw a dashed line at the model's training context length, e.g. 8192")
     parser.add_argument("--title", default=None, help="figure title")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a context length in tokens (> 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of tokens; give e.g. 8192")
+    return value
+
+
 def _plot_run(args: argparse.Namespace) -> int:
-    """Save the perplexity / misalignment vs length figure."""
-    out = reporting.plot_runs(_load(args), args.output, trained_context=args.trained_context,
-                              title=args.title)
+    """Save the perplexity / misalignment vs length figure (one row per comparable group)."""
+    reporting.check_output_path(args.output)  # before loading and drawing anything
+    runs = _load(args)
+    out = reporting.plot_runs(runs, args.output, trained_context=args.trained_context, title=args.title)
     print(f"wrote {out}")
+    notes = reporting.describe_all(runs)
+    if notes:
+        print(f"{notes}\n(each group is drawn in its own row of panels)")
     return 0
 
 
@@ -86,22 +102,29 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perplexity metric to correlate (default: %(default)s)")
     parser.add_argument("--ppl-task", default=None, help="ppl task, if several report the metric")
     parser.add_argument("--misalign-task", default=None, help="misalign task, if several report it")
+    parser.add_argument("--baseline", default=None, metavar="LABEL",
+                        help="run the paired differences between runs are taken against (default: the first)")
     parser.add_argument("--csv", default=None, metavar="OUT.csv",
-                        help="write the rows here and the correlations to OUT_correlations.csv")
+                        help="write the rows here, the correlations to OUT_correlations.csv and the "
+                             "paired differences to OUT_differences.csv")
     parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write a Markdown report")
 
 
 def _compare_run(args: argparse.Namespace) -> int:
-    """Print the rows and correlations; optionally write CSV / Markdown."""
+    """Print the runs, values, paired differences and correlations; optionally write CSV / Markdown.
+
+    Runs that measured different things are refused (exit 2, naming the differing keys).
+    """
     result = reporting.compare_runs(_load(args), misalign_metric=args.metric,
                                     ppl_metric=args.ppl_metric, ppl_task=args.ppl_task,
-                                    misalign_task=args.misalign_task)
+                                    misalign_task=args.misalign_task, baseline=args.baseline)
     print(result.to_text())
     if args.csv:
         rows = result.to_csv(args.csv)
-        corr = result.to_csv(rows.with_name(f"{rows.stem}_correlations{rows.suffix or '.csv'}"),
-                             table="correlations")
-        print(f"wrote {rows} and {corr}")
+        suffix = rows.suffix or ".csv"
+        corr = result.to_csv(rows.with_name(f"{rows.stem}_correlations{suffix}"), table="correlations")
+        diff = result.to_csv(rows.with_name(f"{rows.stem}_differences{suffix}"), table="differences")
+        print(f"wrote {rows}, {corr} and {diff}")
     if args.markdown:
         out = Path(args.markdown)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +170,10 @@ def _model_args_run(args: argparse.Namespace) -> int:
     if prepared is None:
         print(f"{PROG}: the embedded model is not prepared; run `{PROG} prepare`", file=sys.stderr)
         return 2
+    if not args.gguf and not prepared.converted:
+        print(f"{PROG}: the embedded model was prepared without conversion (prepare --no-convert); "
+              f"run `{PROG} prepare` to convert it, or use `{PROG} model-args --gguf`", file=sys.stderr)
+        return 2
     print(prepared.gguf_model_args() if args.gguf else prepared.model_args())
     return 0
 
@@ -154,7 +181,8 @@ def _model_args_run(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "report": Subcommand("print each run's per-context-length table", _report_arguments, _report_run),
     "plot": Subcommand("plot perplexity / misalignment vs context length", _plot_arguments, _plot_run),
-    "compare": Subcommand("correlate misalignment@L with perplexity@L across runs",
+    "compare": Subcommand("paired differences with standard errors, and misalignment@L vs "
+                          "perplexity@L correlations, across runs",
                           _compare_arguments, _compare_run),
     "prepare": Subcommand("fetch the embedded model + corpus (and convert the model to safetensors)",
                           _prepare_arguments, _prepare_run),

@@ -2,7 +2,9 @@
 
 Results JSONs are written by hand in the layout lm-eval 0.4.13 uses
 (``DIR/<model_name_sanitized>/results_<timestamp>.json``), including stderr keys,
-"N/A" values, group entries and NaN (lm-eval's json.dumps writes bare ``NaN``).
+"N/A" values, group entries and NaN (lm-eval's json.dumps writes bare ``NaN``), and the
+``configs[task]["longshort"]`` record our tasks write (settings, what was measured,
+per-document sums, engine). ``legacy=True`` writes a file from before that record.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm_eval_longshort import cli, reporting
 from lm_eval_longshort.reporting import (
-    average_ranks,
     compare_runs,
     format_length_table,
     load_runs,
@@ -63,17 +65,40 @@ def mis_entry(symkl: dict[int, float], sce: dict[int, float] | None = None) -> d
     return entry
 
 
+def record(task: str, documents: list[dict] | None = None, backend: str = "hf", dtype: str = "float32",
+           **settings) -> dict:
+    """A ``configs[task]["longshort"]`` record; ``settings`` override the defaults below."""
+    kind = "misalign" if "misalign" in task else "ppl"
+    resolved = {"lengths": [1024, 4096], "target_tokens": 256, "seed": 1234, "add_bos": "auto",
+                **({"pairs": 4, "mode": "last", "min_ratio": 0.5} if kind == "misalign" else {"protocol": "ladder"}),
+                **settings}
+    measured = {**resolved, "task": task, "data": {"corpus": "shakespeare"}, "documents": "d" * 40}
+    return {"format": 1, "kind": kind, "settings": {**resolved, "batch_tokens": 8192}, "measured": measured,
+            "documents": documents or [], "stderr": "delta",
+            "engine": {"backend": backend, "dtype": dtype, "model": "m", "fingerprint": "ab"}}
+
+
 def write_results(root: Path, model_dir: str, results: dict, model_args: str | dict | None = None,
-                  stamp: str = "2025-06-01T12-00-00.000000") -> Path:
-    """Write one results file the way lm-eval's EvaluationTracker does."""
+                  stamp: str = "2025-06-01T12-00-00.000000", records: dict | None = None,
+                  legacy: bool = False) -> Path:
+    """Write one results file the way lm-eval's EvaluationTracker does.
+
+    ``records`` map a task to its longshort record (default: ``record(task)``, so all runs
+    written without one measured the same thing); ``legacy`` writes none at all.
+    """
     if model_args is None:
         model_args = f"pretrained=/models/{model_dir},dtype=float32"
     tasks = [t for t in results if t != GROUP]
+    configs = {t: {"task": t, "metadata": {"version": 1.0, "lengths": [1024, 4096]}} for t in tasks}
+    if not legacy:
+        for t in tasks:
+            if t.startswith("longshort_"):
+                configs[t]["longshort"] = (records or {}).get(t) or record(t)
     data = {
         "results": {GROUP: {"alias": GROUP}, **results},
         "groups": {},
         "group_subtasks": {GROUP: tasks, **{t: [] for t in tasks}},
-        "configs": {t: {"task": t, "metadata": {"version": 1.0, "lengths": [1024, 4096]}} for t in tasks},
+        "configs": configs,
         "versions": {t: 1.0 for t in tasks},
         "n-samples": {t: {"original": 3, "effective": 3} for t in tasks},
         "config": {"model": "hf", "model_args": model_args, "batch_size": 1},
@@ -226,12 +251,14 @@ def test_length_table(one_run: Path):
     assert lines[1].split() == ["L", "|", "ppl", "bpb", "|", "symkl", "sce", "js", "top1", "tv"]
     rows = _table_rows(table)
     assert list(rows) == ["1024", "4096", "8192"]  # ascending
-    assert rows["1024"][1:] == [["21.5", "1.25"], ["0.0625", "4.5", "0.0078125", "0.9", "0.03125"]]
-    assert rows["4096"][1:] == [["18.25", "1.125"], ["nan", "4.75", "nan", "0.9", "nan"]]
+    # bpb has a standard error (0.01); ppl's is "N/A", shown as the value alone
+    assert rows["1024"][1:] == [["21.5", "1.25±0.01"], ["0.0625", "4.5", "0.0078125", "0.9", "0.03125"]]
+    assert rows["4096"][1:] == [["18.25", "1.125±0.01"], ["nan", "4.75", "nan", "0.9", "nan"]]
     assert rows["8192"][1:] == [["17"], []]  # missing cells are blank
     # the blank bpb cell sits under the bpb column: "17" ends where "ppl" ends
     row_8k = next(line for line in lines if line.startswith(" 8192") or line.startswith("8192"))
     assert row_8k.index("17") + 2 == lines[1].index("ppl") + 3
+    assert run.error(PPL, "bpb", 1024) == 0.01 and run.error(PPL, "ppl", 1024) is None
     # equal-width lines up to trailing blanks: a terminal-aligned table
     assert len({len(line) for line in lines[1:4]}) == 1
 
@@ -239,7 +266,8 @@ def test_length_table(one_run: Path):
 def test_run_report_has_scalars(one_run: Path):
     (run,) = load_runs([one_run])
     text = reporting.format_run_report(run)
-    assert text.startswith("== smollm2-135m-instruct")
+    assert text.startswith("== smollm2-135m-instruct  [hf, float32]")
+    assert "± = standard error over documents (delta method)" in text
     assert "ppl@max=17" in text and "keyppl=3.5" in text and "skipped_docs=2" in text
 
 
@@ -272,9 +300,12 @@ def test_plot_ppl_only_and_nothing_to_plot(tmp_path: Path):
 def test_plot_axis_ticks_at_lengths():
     from matplotlib.figure import Figure
 
+    from lm_eval_longshort.reporting import plots
+
     run = reporting.Run("r", Path("x.json"), per_length={PPL: {"ppl": {1024: 30.0, 4096: 2.0, 12288: 1.5}}})
+    (series,) = plots._series([(run, PPL)], "ppl")
     ax = Figure().subplots()
-    reporting._draw_panel(ax, [run], "ppl", trained_context=8192)
+    plots._draw_panel(ax, [series], "ppl", {"r": "C0"}, trained_context=8192, subtitle=PPL)
     assert list(ax.get_xticks()) == [1024, 4096, 8192, 12288]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1k", "4k", "8k", "12k"]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"  # 30 / 1.5 > 10x
@@ -328,9 +359,8 @@ def test_spearman():
     ys = [math.exp(v) for v in xs]
     assert spearman(xs, ys) == pytest.approx(1.0) and pearson(xs, ys) < 0.99
     # ties: ranks of x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; worked by hand, rho = 4.5 / sqrt(4.5 * 5)
-    assert list(average_ranks([1, 2, 2, 3])) == [1.0, 2.5, 2.5, 4.0]
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
-    assert list(average_ranks([5, 5, 5])) == [2.0, 2.0, 2.0]
+    assert math.isnan(spearman([5, 5, 5], [1, 2, 3]))  # constant side: undefined, not an error
     tied_x, tied_y = [3, 1, 3, 2, 3, 1], [0.5, 0.1, 0.2, 0.2, 0.9, 0.0]
     assert spearman(tied_x, tied_y) == pytest.approx(textbook_spearman(tied_x, tied_y), abs=1e-12)
 
@@ -414,6 +444,234 @@ def test_compare_outputs(tmp_path: Path):
     assert any(line.split()[:3] == ["b", "4096", "13"] for line in text.splitlines())
 
 
+# --------------------------------------------------------------------------- grouping by what was measured
+
+
+def _mixed_lengths(root: Path) -> list[Path]:
+    """Runs a and b measured ppl with lengths [128, 256]; run c with [128, 192] (other tokens)."""
+    specs = {"a": ([128, 256], 20.0), "b": ([128, 256], 14.0), "c": ([128, 192], 17.0)}
+    paths = []
+    for name, (lengths, v) in specs.items():
+        results = {PPL: ppl_entry({L: v + i for i, L in enumerate(lengths)}),
+                   MIS: mis_entry({L: v / 100 for L in lengths})}
+        records = {PPL: record(PPL, lengths=lengths), MIS: record(MIS, lengths=lengths)}
+        paths.append(write_results(root, name, results, records=records))
+    return paths
+
+
+def test_groups_name_the_runs_and_the_differing_keys(tmp_path: Path):
+    runs = load_runs(_mixed_lengths(tmp_path))
+    groups = reporting.groups_by_kind(runs)
+    assert [[r.label for r, _ in g.members] for g in groups["ppl"]] == [["a", "b"], ["c"]]
+    text = reporting.describe_all(runs)
+    assert "ppl results measured 2 different things" in text
+    assert "group 1: runs a, b with lengths [128, 256]" in text
+    assert "group 2: run c with lengths [128, 192]" in text
+    assert "keys differing: lengths" in text and "misalign results measured 2" in text
+
+
+def test_groups_name_nested_data_keys_and_document_sets(tmp_path: Path):
+    other_files = record(PPL)
+    other_files["measured"]["data"] = {"files": "docs/*.txt"}
+    other_docs = record(PPL)
+    other_docs["measured"]["documents"] = "e" * 40  # e.g. another --limit
+    paths = [write_results(tmp_path, "a", {PPL: ppl_entry({1024: 3.0})}),
+             write_results(tmp_path, "b", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_files}),
+             write_results(tmp_path, "c", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_docs})]
+    text = reporting.describe_all(load_runs(paths))
+    assert "keys differing: data.corpus, data.files, documents" in text
+    assert 'group 2: run b with no data.corpus, data.files "docs/*.txt", documents "dddddddddddd..."' in text
+    assert 'group 3: run c with data.corpus "shakespeare", no data.files, documents "eeeeeeeeeeee..."' in text
+
+
+def test_legacy_results_load_as_their_own_group(tmp_path: Path):
+    """A file without the longshort record still loads; its settings are unknown, and said so."""
+    old = write_results(tmp_path, "old", {PPL: ppl_entry({1024: 3.0}), MIS: mis_entry({1024: 0.1})}, legacy=True)
+    new = write_results(tmp_path, "new", {PPL: ppl_entry({1024: 4.0}), MIS: mis_entry({1024: 0.2})})
+    runs = load_runs([old, new])
+    assert runs[0].longshort[PPL] is None and runs[0].measured(PPL) is None
+    assert (runs[0].backend, runs[0].dtype) == ("hf", "float32")  # from lm-eval's config
+    assert runs[0].per_length[PPL]["ppl"] == {1024: 3.0}
+    assert "run old settings unknown (results file written before the longshort record" in \
+        reporting.describe_all(runs)
+    with pytest.raises(reporting.ReportingError, match="settings unknown"):
+        compare_runs(runs)
+
+
+def test_compare_refuses_runs_that_measured_different_things(tmp_path: Path, capsys):
+    paths = _mixed_lengths(tmp_path)
+    with pytest.raises(reporting.ReportingError) as info:
+        compare_runs(load_runs(paths))
+    message = str(info.value)
+    assert "keys differing: lengths" in message and "run c with lengths [128, 192]" in message
+    assert cli.main(["compare", *map(str, paths)]) == 2
+    err = capsys.readouterr().err
+    assert "keys differing: lengths" in err and "Traceback" not in err
+    # the runs of one group compare fine
+    assert cli.main(["compare", *map(str, paths[:2])]) == 0
+
+
+def test_report_keeps_groups_apart_and_shows_engines(tmp_path: Path, capsys):
+    paths = _mixed_lengths(tmp_path)
+    vllm = write_results(tmp_path, "v", {PPL: ppl_entry({128: 9.0, 256: 8.0})},
+                         records={PPL: record(PPL, backend="vllm", dtype="bfloat16", lengths=[128, 256])})
+    assert cli.main(["report", *map(str, paths), str(vllm)]) == 0
+    out = capsys.readouterr().out
+    assert "== a  [hf, float32]" in out and "== v  [vllm, bfloat16]" in out
+    assert "group 1: runs a, b, v with lengths [128, 256]" in out
+    assert "keys differing: lengths" in out
+
+
+def test_plot_draws_each_group_in_its_own_row(tmp_path: Path):
+    out = plot_runs(load_runs(_mixed_lengths(tmp_path)), tmp_path / "g.png")
+    # columns ppl, symkl (no sce in these runs); rows: the two groups
+    assert _png_size(out) == (round(5.6 * 2 * 120), round(4.6 * 2 * 120))
+
+
+def test_plot_error_bars_are_the_reported_stderrs():
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.figure import Figure
+
+    from lm_eval_longshort.reporting import plots
+
+    run = reporting.Run("r", Path("x.json"), per_length={PPL: {"ppl": {128: 30.0, 256: 20.0}}},
+                        stderr={PPL: {"ppl": {128: 1.5, 256: 0.25}}})
+    (series,) = plots._series([(run, PPL)], "ppl")
+    ax = Figure().subplots()
+    plots._draw_panel(ax, [series], "ppl", {"r": "C0"}, trained_context=None, subtitle="")
+    (container,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = container.lines[2][0].get_segments()  # one vertical bar per point
+    assert [(s[0][1], s[1][1]) for s in segments] == [(28.5, 31.5), (19.75, 20.25)]
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def _documents(rng, n_docs: int, lengths: list[int]) -> list[dict]:
+    """Per-document sums for ppl/bpb/symkl at each length; one skipped document at the end."""
+    docs = []
+    for d in range(n_docs):
+        n_targets = int(rng.integers(20, 60))
+        sums = {}
+        for L in lengths:
+            nll = n_targets * rng.uniform(1.5, 3.5)
+            sums[f"ppl@{L}"] = [nll, n_targets]
+            sums[f"bpb@{L}"] = [nll, n_targets * 4]
+            n_pairs = int(rng.integers(1, 5))
+            sums[f"symkl@{L}"] = [n_pairs * rng.uniform(0.0, 0.4), n_pairs]
+        docs.append({"doc_index": d, "title": f"t{d}", "sha1": f"{d:040x}", "n_tokens": 999,
+                     "skipped": False, "sums": sums})
+    docs.append({"doc_index": n_docs, "title": "short", "sha1": "f" * 40, "n_tokens": 9, "skipped": True})
+    return docs
+
+
+def _values(docs: list[dict], key: str, metric: str) -> float:
+    """The reported value of ``key`` from the sums (what the task's aggregation returns)."""
+    a = sum(d["sums"][key][0] for d in docs if not d["skipped"])
+    b = sum(d["sums"][key][1] for d in docs if not d["skipped"])
+    return {"ppl": math.exp(a / b), "bpb": a / b / math.log(2)}.get(metric, a / b)
+
+
+def _run_with_documents(root: Path, name: str, docs: list[dict], lengths: list[int]) -> Path:
+    ppl = {L: _values(docs, f"ppl@{L}", "ppl") for L in lengths}
+    bpb = {L: _values(docs, f"bpb@{L}", "bpb") for L in lengths}
+    mis = {L: _values(docs, f"symkl@{L}", "symkl") for L in lengths}
+    records = {PPL: record(PPL, documents=docs, lengths=lengths), MIS: record(MIS, documents=docs, lengths=lengths)}
+    return write_results(root, name, {PPL: ppl_entry(ppl, bpb), MIS: mis_entry(mis)}, records=records)
+
+
+def delta_paired(x: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
+    """Paired difference and its delta-method standard error, written independently.
+
+    ``x``, ``y``: [n_docs, 2] (numerator, denominator) of the same documents. The statistic
+    is D = f(mean a_x / mean b_x) - f(mean a_y / mean b_y) (f = exp, /ln 2 or identity), a
+    function of the four means; se² = ∇Dᵀ Cov ∇D / n with the sample covariance (np.cov) of
+    the per-document vectors (a_x, b_x, a_y, b_y).
+    """
+    f, df = {"ppl": (np.exp, np.exp), "bpb": (lambda r: r / np.log(2), lambda r: 1 / np.log(2))}.get(
+        metric, (lambda r: r, lambda r: 1.0))
+    means = np.concatenate([x, y], axis=1).mean(axis=0)
+    rx, ry = means[0] / means[1], means[2] / means[3]
+    grad = np.array([df(rx) / means[1], -df(rx) * rx / means[1], -df(ry) / means[3], df(ry) * ry / means[3]])
+    cov = np.cov(np.concatenate([x, y], axis=1), rowvar=False)
+    return float(f(rx) - f(ry)), float(np.sqrt(grad @ cov @ grad / len(x)))
+
+
+def _sums(docs: list[dict], key: str) -> dict[int, list[float]]:
+    return {d["doc_index"]: d["sums"][key] for d in docs if not d["skipped"]}
+
+
+def test_paired_differences_match_a_direct_computation(tmp_path: Path):
+    rng = np.random.default_rng(7)
+    lengths = [128, 256]
+    docs_a, docs_b = _documents(rng, 6, lengths), _documents(rng, 6, lengths)
+    for doc_a, doc_b in zip(docs_a, docs_b):  # the same documents, scored by two models
+        doc_b.update({k: doc_a[k] for k in ("doc_index", "sha1", "skipped")})
+    paths = [_run_with_documents(tmp_path, "a", docs_a, lengths),
+             _run_with_documents(tmp_path, "b", docs_b[::-1], lengths)]  # other order: matched by key
+    result = compare_runs(load_runs(paths), misalign_metric="symkl", ppl_metric="ppl")
+
+    between = {(d.label, d.versus, d.metric, d.length): d for d in result.between_runs}
+    assert set(between) == {("b", "a", m, L) for m in ("ppl", "symkl") for L in lengths}
+    for (_, _, metric, L), diff in between.items():
+        sa, sb = _sums(docs_a, f"{metric}@{L}"), _sums(docs_b, f"{metric}@{L}")
+        order = sorted(sa)
+        want, want_se = delta_paired(np.array([sb[i] for i in order]), np.array([sa[i] for i in order]), metric)
+        assert diff.n_docs == 6 and diff.versus_length == L
+        assert diff.difference == pytest.approx(want, rel=1e-12)
+        assert diff.difference == pytest.approx(_values(docs_b, f"{metric}@{L}", metric)
+                                                - _values(docs_a, f"{metric}@{L}", metric), rel=1e-12)
+        assert diff.stderr == pytest.approx(want_se, rel=1e-9) and diff.stderr > 0
+
+    within = {(d.label, d.metric): d for d in result.between_lengths}
+    assert set(within) == {(r, m) for r in ("a", "b") for m in ("ppl", "symkl")}
+    for (label, metric), diff in within.items():
+        docs = docs_a if label == "a" else docs_b
+        s_long, s_short = _sums(docs, f"{metric}@256"), _sums(docs, f"{metric}@128")
+        order = sorted(s_long)
+        want, want_se = delta_paired(np.array([s_long[i] for i in order]),
+                                     np.array([s_short[i] for i in order]), metric)
+        assert (diff.versus, diff.length, diff.versus_length) == (label, 256, 128)
+        assert diff.difference == pytest.approx(want, rel=1e-12)
+        assert diff.stderr == pytest.approx(want_se, rel=1e-9)
+    # bpb: the "bits" transform
+    (bpb,) = compare_runs(load_runs(paths), ppl_metric="bpb").between_runs[:1]
+    sa, sb = _sums(docs_a, "bpb@128"), _sums(docs_b, "bpb@128")
+    want, want_se = delta_paired(np.array([sb[i] for i in range(6)]), np.array([sa[i] for i in range(6)]), "bpb")
+    assert (bpb.metric, bpb.difference, bpb.stderr) == ("bpb", pytest.approx(want), pytest.approx(want_se))
+
+
+def test_paired_difference_of_identical_runs_is_zero_with_zero_error(tmp_path: Path):
+    docs = _documents(np.random.default_rng(3), 4, [128, 256])
+    paths = [_run_with_documents(tmp_path, n, docs, [128, 256]) for n in ("a", "b")]
+    result = compare_runs(load_runs(paths), baseline="b")
+    assert {d.label for d in result.between_runs} == {"a"}
+    assert all(d.difference == 0 and d.stderr == 0 for d in result.between_runs)
+    with pytest.raises(reporting.ReportingError, match="--baseline 'z' is not a run label"):
+        compare_runs(load_runs(paths), baseline="z")
+
+
+def test_compare_prints_engines_differences_and_writes_them(tmp_path: Path, capsys):
+    rng = np.random.default_rng(5)
+    docs_a = _documents(rng, 3, [128, 256])
+    docs_b = [{**d, "sums": {k: [v[0] * 1.1, v[1]] for k, v in d.get("sums", {}).items()}} for d in docs_a]
+    paths = [_run_with_documents(tmp_path, "a", docs_a, [128, 256]),
+             _run_with_documents(tmp_path, "b", docs_b, [128, 256])]
+    csv_path = tmp_path / "cmp.csv"
+    assert cli.main(["compare", *map(str, paths), "--csv", str(csv_path), "--markdown", str(tmp_path / "c.md")]) == 0
+    out = capsys.readouterr().out
+    runs_table = out.split("\n\n")[0].splitlines()
+    assert runs_table[0] == "Runs" and runs_table[1].split()[:3] == ["label", "backend", "dtype"]
+    assert runs_table[3].split()[:3] == ["a", "hf", "float32"]
+    assert "Paired differences between runs" in out and "Paired differences between lengths" in out
+    with (tmp_path / "cmp_differences.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    ppl_128 = next(r for r in rows if (r["label"], r["versus"], r["metric"], r["L"]) == ("b", "a", "ppl", "128"))
+    assert float(ppl_128["difference"]) == pytest.approx(
+        _values(docs_b, "ppl@128", "ppl") - _values(docs_a, "ppl@128", "ppl"), rel=1e-12)
+    assert "### Paired differences between runs" in (tmp_path / "c.md").read_text()
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -473,3 +731,65 @@ def test_cli_prepare_and_model_args_on_real_assets(capsys):
 def test_subcommand_registry():
     assert {"plot", "report", "compare", "prepare"} <= set(cli.SUBCOMMANDS)
     assert all(callable(c.add_arguments) and callable(c.run) for c in cli.SUBCOMMANDS.values())
+
+
+# --------------------------------------------------------------------------- small things (issue 7, item 7)
+
+
+@pytest.mark.parametrize("name, says", [
+    ("x.pdfx", "matplotlib cannot write '.pdfx' files; use one of"),
+    ("noext", "no file extension; add one, e.g. -o {out}.png"),
+])
+def test_plot_bad_output_name_is_one_line_and_writes_nothing(tmp_path: Path, capsys, one_run: Path, name, says):
+    out = tmp_path / "figs" / name
+    assert cli.main(["plot", str(one_run), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and says.format(out=out) in err and ".png" in err, err
+    assert "Traceback" not in err and captured.out == ""
+    assert not out.parent.exists()  # neither x.pdfx nor noext.png (nor their folder) was written
+
+
+def test_plot_all_nan_results_is_an_error_not_an_empty_figure(tmp_path: Path, capsys):
+    path = write_results(tmp_path, "m", {PPL: ppl_entry({128: math.nan, 256: math.nan}),
+                                         MIS: mis_entry({128: math.nan}, sce={128: math.nan})})
+    out = tmp_path / "nan.png"
+    assert cli.main(["plot", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every ppl, symkl and sce value in these results is NaN" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "8k"])
+def test_trained_context_must_be_a_positive_length(one_run: Path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plot", str(one_run), "--trained-context", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{value}' is not a positive number of tokens; give e.g. 8192" in err and "Traceback" not in err
+
+
+def test_keyppl_without_key_tokens_says_so(tmp_path: Path):
+    path = write_results(tmp_path, "m", {PPL: ppl_entry({128: 5.0}, keyppl=math.nan, key_frac=0.0)})
+    (run,) = load_runs([path])
+    line = reporting.tables.format_scalars(run)
+    assert "keyppl: no key tokens" in line and "nan" not in line and "key_frac=0" in line
+
+
+def test_model_args_after_prepare_without_conversion(tmp_path: Path, monkeypatch, capsys, assets):
+    """A cache holding the GGUF file and the corpus but no converted folder: a message, not a crash."""
+    from lm_eval_longshort import assets as assets_module
+
+    gguf = tmp_path / assets_module.GGUF_SUBDIR
+    corpus = tmp_path / assets_module.CORPUS_SUBDIR
+    gguf.mkdir()
+    corpus.mkdir()
+    (gguf / assets.gguf_file).symlink_to(assets.gguf_dir / assets.gguf_file)
+    (corpus / assets_module.CORPUS_NAME).symlink_to(assets.corpus_file)
+    monkeypatch.setenv(assets_module.CACHE_ENV, str(tmp_path))
+    assert cli.main(["model-args"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prepared without conversion (prepare --no-convert)" in err
+    assert "run `lm-eval-longshort prepare`" in err and "model-args --gguf" in err
+    assert cli.main(["model-args", "--gguf"]) == 0
+    assert capsys.readouterr().out.strip() == f"pretrained={gguf},gguf_file={assets.gguf_file}"

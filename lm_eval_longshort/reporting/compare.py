@@ -1,0 +1,349 @@
+"""``compare``: runs side by side, paired differences with standard errors, correlations.
+
+For one ppl task and one misalign task, across runs: the per-(run, L) values; the paired
+difference of every run from a baseline run and of every length from the shortest length
+of the same run, on the same documents (numerics.aggregate.paired_difference, documents
+matched by index and text hash); and Pearson / Spearman correlations (scipy.stats) of
+misalignment@L with perplexity@L, per length and pooled. Runs whose results measured
+different things (grouping.py) are refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lm_eval_longshort.numerics.aggregate import paired_difference
+from lm_eval_longshort.reporting import grouping
+from lm_eval_longshort.reporting.runs import MISALIGN_METRICS, PPL_METRICS, ReportingError, Run, finite
+from lm_eval_longshort.reporting.tables import format_value, format_with_error, render_table, short_task
+
+# How each metric's value comes from its pooled ratio num/den (see numerics/aggregate.py).
+TRANSFORMS = {"ppl": "exp", "bpb": "bits"}
+_SMALL_N_NOTE = "n = points with both metrics finite; with n = 2 |r| = |rho| = 1 trivially."
+_CORR_HEADER = ["L", "n", "pearson_r", "spearman_rho"]
+_DIFF_HEADER = ["label", "versus", "metric", "L", "versus_L", "difference", "stderr", "n_docs"]
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def _usable(x: np.ndarray, y: np.ndarray) -> bool:
+    """At least 2 points and neither side constant (else r is undefined: NaN)."""
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"correlation needs two 1-D arrays of equal length, got {x.shape} and {y.shape}")
+    return x.size >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson r (scipy.stats.pearsonr); NaN with fewer than 2 points or a constant side."""
+    from scipy import stats  # here: scipy.stats takes ~1 s to import, report/plot never need it
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(stats.pearsonr(x, y).statistic) if _usable(x, y) else math.nan
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rho (scipy.stats.spearmanr: Pearson r of average ranks, ties handled)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(stats.spearmanr(x, y).statistic) if _usable(x, y) else math.nan
+
+
+@dataclass
+class Correlation:
+    """Correlation of misalignment vs perplexity over ``n`` points; length None = pooled."""
+
+    length: int | None
+    n: int
+    pearson: float
+    spearman: float
+
+
+def _correlate(length: int | None, pairs: Sequence[tuple[float, float]]) -> Correlation:
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    return Correlation(length, len(pairs), pearson(xs, ys), spearman(xs, ys))
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+@dataclass
+class Difference:
+    """``metric@length`` of run ``label`` minus ``metric@versus_length`` of ``versus``, same documents."""
+
+    label: str
+    versus: str
+    metric: str
+    length: int
+    versus_length: int
+    difference: float
+    stderr: float
+    n_docs: int
+
+    def cells(self) -> list:
+        return [self.label, self.versus, self.metric, self.length, self.versus_length,
+                self.difference, self.stderr, self.n_docs]
+
+
+def paired(x: Run, task_x: str, y: Run, task_y: str, metric: str, length_x: int,
+           length_y: int) -> Difference | None:
+    """The paired difference on the documents both sides scored (None if fewer than 1)."""
+    sums_x = x.document_sums(task_x, metric, length_x)
+    sums_y = y.document_sums(task_y, metric, length_y)
+    docs = sorted(set(sums_x) & set(sums_y))  # matched by (doc_index, text sha1)
+    if not docs:
+        return None
+    value, stderr = paired_difference([sums_x[d] for d in docs], [sums_y[d] for d in docs],
+                                      TRANSFORMS.get(metric, "identity"))
+    versus = y.label if y is not x else x.label
+    return Difference(x.label, versus, metric, length_x, length_y, value, stderr, len(docs))
+
+
+def _between_runs(runs: Sequence[Run], baseline: Run, measures: Sequence[tuple[str, str]]) -> list[Difference]:
+    """Every other run minus the baseline, per measured (task, metric) and common length."""
+    out = []
+    for run in runs:
+        if run is baseline:
+            continue
+        for task, metric in measures:
+            common = sorted(set(run.per_length.get(task, {}).get(metric, {}))
+                            & set(baseline.per_length.get(task, {}).get(metric, {})))
+            out += [d for L in common if (d := paired(run, task, baseline, task, metric, L, L))]
+    return out
+
+
+def _between_lengths(runs: Sequence[Run], measures: Sequence[tuple[str, str]]) -> list[Difference]:
+    """Within each run, every length minus the shortest length, per (task, metric)."""
+    out = []
+    for run in runs:
+        for task, metric in measures:
+            lengths = sorted(run.per_length.get(task, {}).get(metric, {}))
+            out += [d for L in lengths[1:] if (d := paired(run, task, run, task, metric, L, lengths[0]))]
+    return out
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass
+class CompareResult:
+    """Per-(run, L) rows, paired differences and misalignment-vs-perplexity correlations."""
+
+    misalign_metric: str
+    ppl_metric: str
+    misalign_task: str
+    ppl_task: str
+    columns: list[str]
+    rows: list[dict]
+    per_length: list[Correlation]
+    pooled: Correlation
+    runs: list[Run] = field(default_factory=list)
+    between_runs: list[Difference] = field(default_factory=list)
+    between_lengths: list[Difference] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def _what(self) -> str:
+        return (f"{self.misalign_metric}@L ({short_task(self.misalign_task)}) vs "
+                f"{self.ppl_metric}@L ({short_task(self.ppl_task)})")
+
+    def _run_cells(self) -> list[list[str]]:
+        return [[r.label, r.backend, r.dtype, str(r.path)] for r in self.runs]
+
+    def _row_cells(self) -> list[list[str]]:
+        return [[str(r.get(c, "")) if c in ("label", "L") else
+                 format_with_error(r.get(c), r.get(f"{c}_stderr")) for c in self.columns] for r in self.rows]
+
+    def _corr_cells(self) -> list[list[str]]:
+        return [["pooled" if c.length is None else str(c.length), str(c.n), format_value(c.pearson),
+                 format_value(c.spearman)] for c in (*self.per_length, self.pooled)]
+
+    @staticmethod
+    def _diff_cells(diffs: Sequence[Difference]) -> list[list[str]]:
+        return [[d.label, d.versus, d.metric, str(d.length), str(d.versus_length),
+                 format_value(d.difference), format_value(d.stderr), str(d.n_docs)] for d in diffs]
+
+    def _sections(self) -> list[tuple[str, list[str], list[list[str]], int]]:
+        """(title, header, rows, n left-aligned columns) of every table, in print order."""
+        sections = [("Runs", ["label", "backend", "dtype", "results"], self._run_cells(), 4),
+                    ("Values (± standard error over documents)", self.columns, self._row_cells(), 1)]
+        if self.between_runs:
+            sections.append(("Paired differences between runs on the same documents (label - versus)",
+                             _DIFF_HEADER, self._diff_cells(self.between_runs), 3))
+        if self.between_lengths:
+            sections.append(("Paired differences between lengths of one run (L - versus_L)",
+                             _DIFF_HEADER, self._diff_cells(self.between_lengths), 3))
+        sections.append((f"Correlation across runs of {self._what}", _CORR_HEADER, self._corr_cells(), 0))
+        return sections
+
+    def to_text(self) -> str:
+        """Aligned plain-text tables for a terminal."""
+        parts = []
+        for title, header, rows, left in self._sections():
+            parts += [title, render_table(header, rows, left=left), ""]
+        return "\n".join(parts + [_SMALL_N_NOTE, *self.notes])
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured Markdown: one section per table."""
+        parts = [f"## {self._what}", ""]
+        for title, header, rows, _ in self._sections():
+            parts += [f"### {title}", "", render_table(header, rows, markdown=True), ""]
+        return "\n".join(parts + [f"_{_SMALL_N_NOTE}_", "", *(f"_{n}_" for n in self.notes)])
+
+    def to_csv(self, path: str | Path, table: str = "rows") -> Path:
+        """Write ``table`` = "rows" (one line per run and L), "correlations" or "differences"."""
+        if table == "rows":
+            errors = [f"{c}_stderr" for c in self.columns[2:]]
+            header = [*self.columns, *errors]
+            body = [[_csv_value(r.get(c)) for c in header] for r in self.rows]
+        elif table == "correlations":
+            header = _CORR_HEADER
+            body = [["pooled" if c.length is None else c.length, c.n, _csv_value(c.pearson),
+                     _csv_value(c.spearman)] for c in (*self.per_length, self.pooled)]
+        elif table == "differences":
+            header = _DIFF_HEADER
+            body = [[_csv_value(v) for v in d.cells()] for d in (*self.between_runs, *self.between_lengths)]
+        else:
+            raise ValueError(f"table must be 'rows', 'correlations' or 'differences', got {table!r}")
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body)
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(buffer.getvalue(), encoding="utf-8")
+        return out
+
+
+def _csv_value(value):
+    """Full precision in CSV; missing cells empty."""
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+# --------------------------------------------------------------------------- compare_runs
+
+
+def _pick_task(runs: Sequence[Run], metric: str, requested: str | None, flag: str) -> str:
+    """The single task providing ``metric``, or the one ``requested`` (full or short name)."""
+    candidates = sorted({t for r in runs for t in r.tasks_with([metric])})
+    if not candidates:
+        available = sorted({m for r in runs for t in r.per_length.values() for m in t})
+        raise ReportingError(
+            f"no run reports per-length '{metric}'; per-length metrics present: "
+            f"{', '.join(available) or 'none'}"
+        )
+    if requested:
+        matches = [t for t in candidates if t == requested or short_task(t) == requested
+                   or t.endswith("_" + requested)]
+        if len(matches) != 1:
+            raise ReportingError(
+                f"{flag} {requested!r} matches {len(matches)} of the tasks reporting '{metric}': "
+                f"{', '.join(candidates)}"
+            )
+        return matches[0]
+    if len(candidates) > 1:
+        raise ReportingError(
+            f"several tasks report '{metric}': {', '.join(candidates)}; choose one with {flag}"
+        )
+    return candidates[0]
+
+
+def check_comparable(runs: Sequence[Run], task: str, kind: str) -> None:
+    """Refuse (ReportingError naming the differing keys and the groups) unless every run's
+    result of ``task`` measured the same thing."""
+    members = [(run, task) for run in runs if task in run.per_length]
+    groups = grouping.group_results(members, kind)
+    if len(groups) > 1:
+        raise ReportingError(
+            f"{grouping.describe_split(groups)}\n"
+            "compare only compares runs that measured the same thing: pass the runs of one group, "
+            "or rerun the others with the same --metadata, corpus and --limit/--samples"
+        )
+
+
+def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
+    """The run labelled ``baseline`` (default: the first run)."""
+    if baseline is None:
+        return runs[0]
+    for run in runs:
+        if run.label == baseline:
+            return run
+    raise ReportingError(f"--baseline {baseline!r} is not a run label; labels: "
+                         f"{', '.join(r.label for r in runs)}")
+
+
+def _table_rows(runs: Sequence[Run], p_task: str, m_task: str, ppl_cols: Sequence[str],
+                mis_cols: Sequence[str], misalign_metric: str, ppl_metric: str):
+    """(rows, per-length correlations, pooled points) for the lengths 2+ runs report."""
+    def present(run: Run, L: int) -> bool:
+        return finite(run.value(p_task, ppl_metric, L)) or finite(run.value(m_task, misalign_metric, L))
+
+    rows, per_length, pooled = [], [], []
+    for L in sorted({L for r in runs for L in r.lengths}):
+        members = [r for r in runs if present(r, L)]
+        if len(members) < 2:
+            continue
+        points = []
+        for run in members:
+            row = {"label": run.label, "L": L}
+            for task, cols in ((p_task, ppl_cols), (m_task, mis_cols)):
+                row |= {m: run.value(task, m, L) for m in cols}
+                row |= {f"{m}_stderr": run.error(task, m, L) for m in cols}
+            rows.append(row)
+            x, y = run.value(m_task, misalign_metric, L), run.value(p_task, ppl_metric, L)
+            if finite(x) and finite(y):
+                points.append((x, y))
+        per_length.append(_correlate(L, points))
+        pooled += points
+    return rows, per_length, pooled
+
+
+def compare_runs(runs: Sequence[Run], misalign_metric: str = "symkl", ppl_metric: str = "ppl",
+                 ppl_task: str | None = None, misalign_task: str | None = None,
+                 baseline: str | None = None) -> CompareResult:
+    """Rows per (run, L), paired differences and per-L / pooled correlations.
+
+    A length enters the rows and correlations when at least 2 runs report a finite
+    ``misalign_metric`` or ``ppl_metric`` there; correlations use the runs with both
+    finite. The tasks are found automatically when only one task reports each metric
+    (else pass ``ppl_task`` / ``misalign_task``, full or short name). Differences between
+    runs are taken against ``baseline`` (a run label; default the first run).
+    """
+    p_task = _pick_task(runs, ppl_metric, ppl_task, "--ppl-task")
+    m_task = _pick_task(runs, misalign_metric, misalign_task, "--misalign-task")
+    check_comparable(runs, p_task, "ppl")
+    check_comparable(runs, m_task, "misalign")
+    base = _pick_baseline(runs, baseline)
+    ppl_cols = list(dict.fromkeys([*PPL_METRICS, ppl_metric]))
+    mis_cols = [m for m in dict.fromkeys([*MISALIGN_METRICS, misalign_metric]) if m not in ppl_cols]
+    rows, per_length, pooled = _table_rows(runs, p_task, m_task, ppl_cols, mis_cols,
+                                           misalign_metric, ppl_metric)
+    if not rows:
+        raise ReportingError(
+            f"no context length is reported by 2 or more runs (for {misalign_metric} or {ppl_metric}); "
+            "compare needs at least two runs evaluated at the same lengths"
+        )
+    measures = [(p_task, ppl_metric), (m_task, misalign_metric)]
+    result = CompareResult(misalign_metric, ppl_metric, m_task, p_task, ["label", "L", *ppl_cols, *mis_cols],
+                           rows, per_length, _correlate(None, pooled), list(runs),
+                           _between_runs(runs, base, measures), _between_lengths(runs, measures))
+    result.notes = _notes(runs)
+    return result
+
+
+def _notes(runs: Sequence[Run]) -> list[str]:
+    """A warning when the runs differ in backend or dtype (comparable, but say so)."""
+    if len({(r.backend, r.dtype) for r in runs}) > 1:
+        return ["runs differ in backend or dtype (see Runs): their numbers differ by numeric "
+                "precision as well as by model"]
+    return []

@@ -1,0 +1,161 @@
+"""Text tables: the one table renderer (terminal or Markdown) and what ``report`` prints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from lm_eval_longshort.reporting import grouping
+from lm_eval_longshort.reporting.runs import MISALIGN_METRICS, PPL_METRICS, Run, finite
+
+NO_KEY_TOKENS = "no key tokens"
+
+
+def format_value(value: float | None) -> str:
+    """5 significant digits; blank for a missing cell, "nan" for a NaN one."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.5g}"
+
+
+def format_with_error(value: float | None, error: float | None) -> str:
+    """``"21.5±0.31"`` (value to 5 digits, standard error to 2); the value alone without one."""
+    text = format_value(value)
+    if text and finite(value) and finite(error):
+        text += f"±{error:.2g}"
+    return text
+
+
+def short_task(task: str) -> str:
+    """``longshort_ppl_shakespeare`` -> ``ppl_shakespeare`` (column and legend titles)."""
+    return task.removeprefix("longshort_")
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                 groups: Sequence[tuple[str, int]] | None = None, left: int = 0,
+                 markdown: bool = False) -> str:
+    """An aligned plain-text table, or a GitHub Markdown pipe table with ``markdown=True``.
+
+    Text: ``groups`` = (title, n_columns) spans printed above the header and separated by
+    " | "; the first ``left`` columns are left-aligned (labels), the rest right-aligned.
+    Markdown ignores ``groups`` and escapes "|" in cells so it cannot break the columns.
+    """
+    if markdown:
+        def esc(cell: str) -> str:
+            return cell.replace("|", "\\|")
+        lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    spans = list(groups or [])
+    start = 0
+    for title, n in spans:  # widen a group's last column if its title does not fit
+        span = sum(widths[start:start + n]) + 2 * (n - 1)
+        widths[start + n - 1] += max(0, len(title) - span)
+        start += n
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return _join_groups(out, spans).rstrip()
+
+    lines = []
+    if spans:
+        titles, start = [], 0
+        for title, n in spans:
+            titles.append(title.ljust(sum(widths[start:start + n]) + 2 * (n - 1)))
+            start += n
+        lines.append(" | ".join(titles).rstrip())
+    lines.append(line(header))
+    lines.append(_join_groups(["-" * w for w in widths], spans))
+    lines.extend(line(r) for r in rows)
+    return "\n".join(lines)
+
+
+def _join_groups(cells: Sequence[str], spans: Sequence[tuple[str, int]]) -> str:
+    """Join cells with two spaces inside a group and " | " between groups."""
+    if not spans:
+        return "  ".join(cells)
+    parts, start = [], 0
+    for _, n in spans:
+        parts.append("  ".join(cells[start:start + n]))
+        start += n
+    return " | ".join(parts)
+
+
+def _columns(run: Run) -> list[tuple[str, str]]:
+    """(task, metric) columns: ppl tasks first (ppl, bpb), then misalign tasks.
+
+    Per-length metrics outside the known lists are appended so nothing is hidden.
+    """
+    columns: list[tuple[str, str]] = []
+    for tasks, known in ((run.ppl_tasks, PPL_METRICS), (run.misalign_tasks, MISALIGN_METRICS)):
+        for task in tasks:
+            extra = sorted(set(run.per_length[task]) - set(known))
+            columns += [(task, m) for m in (*known, *extra)]
+    return columns
+
+
+def format_length_table(run: Run) -> str:
+    """One row per context length (ascending); columns ppl/bpb per ppl task, then
+    symkl/sce/js/top1/tv per misalign task, each value with ±its standard error where
+    the results hold one; missing cells blank."""
+    columns = _columns(run)
+    if not columns:
+        return "(no per-length metrics: were these longshort_* tasks?)"
+    header = ["L"] + [metric for _, metric in columns]
+    rows = [[str(L)] + [format_with_error(run.value(t, m, L), run.error(t, m, L)) for t, m in columns]
+            for L in run.lengths]
+    groups = [("", 1)]
+    for task in dict.fromkeys(t for t, _ in columns):
+        groups.append((short_task(task), sum(1 for t, _ in columns if t == task)))
+    return render_table(header, rows, groups)
+
+
+def _scalar_text(name: str, value: float) -> str:
+    """``name=value``; a NaN keyppl means no target was a key token, and says so."""
+    if name == "keyppl" and math.isnan(value):
+        return f"keyppl: {NO_KEY_TOKENS}"
+    return f"{name}={format_value(value)}"
+
+
+def format_scalars(run: Run) -> str:
+    """One line per task with its non-per-length metrics (ppl@max, keyppl, key_frac, ...)."""
+    lines = []
+    for task in sorted(run.scalars):
+        items = "  ".join(_scalar_text(k, v) for k, v in sorted(run.scalars[task].items()))
+        if items:
+            lines.append(f"{short_task(task)}: {items}")
+    return "\n".join(lines)
+
+
+def _error_note(run: Run) -> str:
+    """What ± means, when any cell has one; else that the file holds no standard errors."""
+    if not any(finite(se) for metrics in run.stderr.values() for v in metrics.values() for se in v.values()):
+        return "(no standard errors in these results: lm_eval ran with --bootstrap_iters 0, or an older version)"
+    methods = sorted({str((r or {}).get("stderr")) for r in run.longshort.values() if r and r.get("stderr")})
+    how = f" ({', '.join(methods)} method)" if methods else ""
+    return f"± = standard error over documents{how}"
+
+
+def run_title(run: Run) -> str:
+    """``== label  [hf, float32]  (path)``: who, on which backend and dtype, from where."""
+    return f"== {run.label}  [{run.backend}, {run.dtype}]  ({run.path})"
+
+
+def format_run_report(run: Run) -> str:
+    """Title, per-length table, scalar lines and the ± note of one run."""
+    parts = [run_title(run), format_length_table(run)]
+    scalars = format_scalars(run)
+    if scalars:
+        parts.append(scalars)
+    if _columns(run):
+        parts.append(_error_note(run))
+    return "\n".join(parts)
+
+
+def format_report(runs: Sequence[Run]) -> str:
+    """What ``report`` prints: each run's report, then which runs measured different things."""
+    text = "\n\n".join(format_run_report(run) for run in runs)
+    notes = grouping.describe_all(runs) if len(runs) > 1 else ""
+    return f"{text}\n\n{notes}" if notes else text
