@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import lm_eval
@@ -42,6 +43,11 @@ def build_task(task: str, metadata: dict):
     config = load_yaml(INSTALLED_TASKS / f"{task}.yaml")
     config["metadata"] = {**config.get("metadata", {}), **metadata}
     return config["class"](config=config)
+
+
+def response(sample: dict) -> dict:
+    """The logged response of one sample (lm-eval logs it as text; ours is JSON text)."""
+    return json.loads(sample["resps"][0][0])
 
 
 def metric(results: dict, name: str) -> float:

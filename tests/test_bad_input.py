@@ -12,7 +12,6 @@ folder (indexing all of lm-eval's tasks costs ~7 s per TaskManager);
 
 from __future__ import annotations
 
-import ast
 import logging
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ import lm_eval
 import lm_eval.tasks
 import pytest
 import torch
+from harness_run import response
 from lm_eval.tasks import TaskManager
 
 from lm_eval_longshort.backends.base import LengthLimitError, NonFiniteLogitsError
@@ -39,8 +39,7 @@ def evaluate(lm, tasks: list[str], metadata: dict, limit: int | None = 1, **kwar
 
 
 def _responses(out: dict, task: str) -> list[dict]:
-    resps = [s["resps"][0][0] for s in out["samples"][task]]
-    return [r if isinstance(r, dict) else ast.literal_eval(r) for r in resps]
+    return [response(s) for s in out["samples"][task]]
 
 
 # --------------------------------------------------------------------------- too-short documents

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from harness_run import evaluate, metric
+from harness_run import evaluate, metric, response
 from reference import plain_token_logprobs
 from test_divergences import numpy_divergences
 
@@ -27,7 +27,7 @@ def test_last_mode_matches_plain_forward(hflm, smol, plays):
                                 {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio})
     end = max(lengths)
     expected = {n: [] for n in lengths}
-    logged = sorted((p for s in samples for p in s["resps"][0][0]["pairs"]),
+    logged = sorted((p for s in samples for p in response(s)["pairs"]),
                     key=lambda p: (p["doc_index"], p["long_len"]))
     for doc_index, play in enumerate(plays[:2]):
         ids = tok(play["text"], add_special_tokens=False)["input_ids"]
@@ -59,7 +59,7 @@ def test_dense_mode_matches_plain_forward(hflm, smol, plays):
     lengths, ratio = [64, 160], 0.5
     results, samples = evaluate(hflm, "longshort_misalign_shakespeare",
                                 {"mode": "dense", "lengths": lengths, "min_ratio": ratio})
-    groups = {(g["doc_index"], g["L"]): g for s in samples for g in s["resps"][0][0]["groups"]}
+    groups = {(g["doc_index"], g["L"]): g for s in samples for g in response(s)["groups"]}
     for n in lengths:
         sums, count = dict.fromkeys(NAMES, 0.0), 0
         for doc_index, play in enumerate(plays[:2]):

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from harness_run import evaluate, metric
+from harness_run import evaluate, metric, response
 from reference import plain_nll
 
 REL = 1e-4
@@ -29,7 +29,7 @@ def check_task(results, samples, expected: dict[int, list[tuple[float, int, int]
     by_doc = sorted(samples, key=lambda s: s["doc_id"])
     for length, per_doc in expected.items():
         for sample, (nll, n, nb) in zip(by_doc, per_doc, strict=True):
-            record = next(r for r in sample["resps"][0][0]["records"] if r["L"] == length)
+            record = next(r for r in response(sample)["records"] if r["L"] == length)
             assert record["nll_sum"] == pytest.approx(nll, rel=REL)
             assert record["n_targets"] == n and record["n_bytes"] == nb
             assert record["doc_index"] == sample["doc_id"]

@@ -12,6 +12,7 @@ files, the hub for dataset ids), so formats are read the same way lm-eval itself
 
 from __future__ import annotations
 
+import codecs
 import glob
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,7 +21,13 @@ import datasets
 
 from lm_eval_longshort import assets
 
-# Metadata keys these functions read; other code checks user metadata against this list.
+# Metadata keys each loader reads. A data key given to a task whose loader does not read it
+# is an error (harness/task.py): `files` on a Shakespeare task would otherwise be ignored.
+LOADER_KEYS = {
+    "shakespeare": (),
+    "local": ("files", "text_field", "title_field"),
+    "hub_documents": ("hf_dataset", "hf_config", "split", "text_field", "title_field"),
+}
 DATASET_KEYS = ("hf_dataset", "hf_config", "split", "text_field", "title_field", "files")
 
 # File extension -> datasets builder name, for local().
@@ -119,8 +126,35 @@ def resolve_files(files: str | Path | Iterable[str | Path] | None) -> list[Path]
             if path not in resolved:  # a file named twice (e.g. by two globs) is read once
                 resolved.append(path)
     for path in resolved:
-        _builder_for(path)  # fail on an unsupported extension before loading anything
+        _check_readable(path, _builder_for(path))  # fail before loading anything
     return resolved
+
+
+def _check_readable(path: Path, builder: str) -> None:
+    """Text files must be UTF-8 text and parquet files parquet: name the file otherwise."""
+    if builder == "parquet":
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                raise ValueError(f"{str(path)!r} is not a parquet file (no PAR1 header); "
+                                 "fix the file or give it its real extension (the `files` metadata key)")
+        return
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 20)
+            if b"\x00" in block:
+                raise ValueError(f"{str(path)!r} looks binary (NUL byte at offset {offset + block.index(0)}); "
+                                 "the `local` dataset reads UTF-8 text: drop it from `files`")
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{str(path)!r} is not UTF-8 text (invalid byte near offset {offset + exc.start}); convert "
+                    "it, e.g. `iconv -f latin1 -t utf-8`, or drop it from `files`"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def _builder_for(path: Path) -> str:

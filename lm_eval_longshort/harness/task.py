@@ -15,16 +15,18 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import json
 from pathlib import Path
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
 from lm_eval_longshort.harness import lm_method
-from lm_eval_longshort.harness.datasets import DATASET_KEYS
+from lm_eval_longshort.harness.datasets import DATASET_KEYS, LOADER_KEYS
+from lm_eval_longshort.harness.resume import text_sha1
 from lm_eval_longshort.numerics import aggregate
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES
-from lm_eval_longshort.protocols.settings import parse_settings, settings_to_json
+from lm_eval_longshort.protocols.settings import measured_settings, parse_settings, settings_to_json
 
 lm_method.install()
 
@@ -78,9 +80,12 @@ class _LongShortTask(ConfigurableTask):
         config.setdefault("test_split", "test")
         config.setdefault("doc_to_text", "title")
         config.setdefault("doc_to_target", "")
-        foreign = set(DATASET_KEYS) | model_argument_names()
-        self.settings = parse_settings(self.KIND, dict(config.get("metadata") or {}), foreign_keys=foreign)
+        metadata = dict(config.get("metadata") or {})
+        self.settings = parse_settings(self.KIND, metadata, foreign_keys=model_argument_names(),
+                                       other_keys={"data keys": DATASET_KEYS})
+        self.data_keys = _data_keys(config, metadata)
         self._settings_json = settings_to_json(self.settings)
+        self._documents: list[dict] = []
         super().__init__(config=config, **kwargs)
 
     def download(self, dataset_kwargs=None, **kwargs) -> None:
@@ -95,9 +100,9 @@ class _LongShortTask(ConfigurableTask):
     def construct_requests(self, doc, ctx, **kwargs) -> Instance:
         task, doc_id, _ = kwargs["metadata"]
         doc_id = int(doc.get("doc_index", doc_id))
-        digest = hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()[:12]
-        # arguments[0] is what lm-eval hashes for --log_samples and --use_cache: it names
-        # the document by content; the text itself is read from `doc` by the LM method.
+        digest = text_sha1(doc["text"])[:12]
+        # arguments[0] is what lm-eval hashes for --log_samples: it names the document by
+        # content; the text itself is read from `doc` by the LM method.
         label = f"{task} doc {doc_id} {doc.get('title', '')!r} sha1:{digest}"
         return Instance(
             request_type=lm_method.REQUEST_TYPE,  # type: ignore[arg-type]
@@ -108,14 +113,58 @@ class _LongShortTask(ConfigurableTask):
         )
 
     def process_results(self, doc, results) -> dict:
-        response = results[0]
+        response = json.loads(results[0]) if isinstance(results[0], str) else results[0]
         skipped = bool(response.get("skipped"))
         values = self._per_doc_values(response) if not skipped else {name: None for name in self.aggregation()}
         values["skipped_docs"] = int(skipped)
+        values["documents"] = {
+            "doc_index": int(response["doc_index"]), "title": response.get("title", ""),
+            "sha1": text_sha1(doc["text"]), "n_tokens": int(response["n_tokens"]), "skipped": skipped,
+            **({} if skipped else {"sums": {k: list(v) for k, v in values.items() if isinstance(v, tuple)}}),
+        }
         return values
+
+    def _common_aggregations(self) -> dict:
+        return {"skipped_docs": aggregate.count, "documents": self._collect_documents}
+
+    def _collect_documents(self, records: list[dict]) -> int:
+        """Keep every document's record for the results JSON; the metric is the number scored."""
+        self._documents = sorted(records, key=lambda r: r["doc_index"])
+        return sum(1 for r in records if not r["skipped"])
 
     def higher_is_better(self) -> dict:
         return {name: name.startswith(("top1", "key_frac")) for name in self.aggregation()}
+
+    def dump_config(self) -> dict:
+        """lm-eval's config dump plus ``longshort``: what was measured, on which documents, by which engine."""
+        config = super().dump_config()
+        scored = [(r["doc_index"], r["sha1"]) for r in self._documents if not r["skipped"]]
+        settings = measured_settings(self.settings)
+        config["longshort"] = {
+            "format": 1,
+            "kind": self.KIND,
+            "settings": json.loads(self._settings_json),
+            "measured": {"task": self.config.task, **settings, "data": self.data_keys,
+                         "documents": hashlib.sha1(json.dumps(scored).encode()).hexdigest()},
+            "documents": self._documents,
+            "engine": lm_method.ENGINES_BY_TASK.get(self.config.task),
+            "stderr": "delta",
+        }
+        return config
+
+
+def _data_keys(config: dict, metadata: dict) -> dict:
+    """The data keys this task's loader reads (with their values); any other data key is an error."""
+    loader = getattr(config.get("custom_dataset"), "__name__", "")
+    used = LOADER_KEYS.get(loader, DATASET_KEYS)
+    stray = sorted(k for k in DATASET_KEYS if k in metadata and k not in used)
+    if stray:
+        raise ValueError(
+            f"task {config.get('task')} reads no data key(s) {stray} (its documents come from the "
+            f"`{loader}` loader, which reads {list(used) or 'no data keys'}); use a longshort_*_local task "
+            "for your own files, or drop the key(s)"
+        )
+    return {k: metadata[k] for k in used if k in metadata}
 
 
 class PerplexityTask(_LongShortTask):
@@ -131,8 +180,7 @@ class PerplexityTask(_LongShortTask):
         if self.settings.protocol == "ladder":
             aggs["keyppl"] = aggregate.perplexity
             aggs["key_frac"] = aggregate.pooled_ratio
-        aggs["skipped_docs"] = aggregate.count
-        return aggs
+        return aggs | self._common_aggregations()
 
     def _per_doc_values(self, response: dict) -> dict:
         values = {}
@@ -160,8 +208,7 @@ class MisalignTask(_LongShortTask):
     def aggregation(self) -> dict:
         aggs = {f"{m}@{n}": aggregate.pooled_ratio for m in METRIC_NAMES for n in self.settings.lengths}
         aggs["approximate"] = aggregate.maximum
-        aggs["skipped_docs"] = aggregate.count
-        return aggs
+        return aggs | self._common_aggregations()
 
     def _per_doc_values(self, response: dict) -> dict:
         sums = {(m, n): 0.0 for m in METRIC_NAMES for n in self.settings.lengths}

@@ -122,3 +122,9 @@ def paired_difference(pairs_x: Sequence[Pair], pairs_y: Sequence[Pair],
     value_x, u_x = _transform(*linearized([x for x, _ in both]), transform)
     value_y, u_y = _transform(*linearized([y for _, y in both]), transform)
     return value_x - value_y, _se(u_x - u_y)
+
+
+# Standard errors travel with the aggregation functions (the harness reads ``fn.stderr``).
+pooled_ratio.stderr = ratio_stderr  # type: ignore[attr-defined]
+perplexity.stderr = lambda pairs: ratio_stderr(pairs, "exp")  # type: ignore[attr-defined]
+bits_per_byte.stderr = lambda pairs: ratio_stderr(pairs, "bits")  # type: ignore[attr-defined]

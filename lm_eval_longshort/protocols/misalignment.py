@@ -4,7 +4,8 @@ All randomness comes from ``numpy.random.default_rng([seed, doc_index, L])`` so 
 is reproducible and every logged pair can be recomputed (METRICS.md):
 - ``last``: ``rng.choice(np.arange(ceil(min_ratio·L), L), size=pairs, replace=False)``
   short lengths, in draw order;
-- ``dense``: one gap ``e = rng.integers(1, L // 2 + 1)``.
+- ``dense``: one gap ``e = rng.integers(1, max_gap(L) + 1)``, ``max_gap(L) = min(L // 2, L - ceil(min_ratio·L))``
+  (for the default min_ratio 0.5 that is L // 2; the bound keeps at least one compared position).
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ def short_lengths(s: MisalignSettings, doc_index: int, length: int) -> list[int]
     return [int(x) for x in rng_for(s, doc_index, length).choice(candidates, size=s.pairs, replace=False)]
 
 
+def max_gap(s: MisalignSettings, length: int) -> int:
+    """Largest dense gap for L: B's context at the last position, L - e, must reach ceil(min_ratio·L)."""
+    return min(length // 2, length - s.min_short(length))
+
+
 def dense_gap(s: MisalignSettings, doc_index: int, length: int) -> int:
-    """The offset e of window B = ids[e : e+L] for one document and L."""
-    return int(rng_for(s, doc_index, length).integers(1, length // 2 + 1))
+    """The offset e of window B = ids[e : e+L] for one document and L, drawn from [1, max_gap(L)]."""
+    return int(rng_for(s, doc_index, length).integers(1, max_gap(s, length) + 1))
 
 
 def needed_tokens(s: MisalignSettings, doc_index: int) -> int:

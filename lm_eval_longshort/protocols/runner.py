@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_longshort.backends.base import ScoringEngine
+from lm_eval_longshort.backends.base import LengthLimitError, ScoringEngine
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.protocols import misalignment as mis
 from lm_eval_longshort.protocols import perplexity as ppl
@@ -56,21 +56,62 @@ def resolve_bos(tokenizer, add_bos: str) -> int | None:
     return int(bos) if adds_bos else None
 
 
-def evaluate_documents(
-    engine: ScoringEngine, settings: PerplexitySettings | MisalignSettings, docs: Sequence[Document], task: str
-) -> list[dict]:
-    """One response per document, in order; skipped documents get ``{"skipped": True, ...}``."""
-    tokenizer = engine.tokenizer
-    bos = resolve_bos(tokenizer, settings.add_bos)
-    family = ppl if settings.kind == "ppl" else mis
-    engine.check_lengths(family.longest_input(settings, bos), f"task {task} at max(lengths)={settings.max_length}")
+@dataclass
+class TaskPlan:
+    """A task's documents, checked and tokenized, ready to score (``plan_task``).
+
+    ``responses[i]`` is document i's response: complete for a skipped document, filled in by
+    ``score_documents`` for a usable one. ``chunks`` lists the usable documents in scoring
+    groups of about ``batch_tokens`` input tokens; a chunk is scored (and cached) as a unit,
+    and the grouping depends only on the documents, so a resumed run batches exactly as an
+    uninterrupted one and gives identical numbers.
+    """
+
+    task: str
+    settings: PerplexitySettings | MisalignSettings
+    bos: int | None
+    docs: list[Document]
+    token_ids: list[np.ndarray]
+    responses: list[dict]
+    chunks: list[list[int]]
+
+
+def needed_tokens(settings: PerplexitySettings | MisalignSettings, doc_index: int) -> int:
+    """Document tokens the task's protocol needs (shorter documents are skipped)."""
+    return ppl.needed_tokens(settings) if settings.kind == "ppl" else mis.needed_tokens(settings, doc_index)
+
+
+def check_engine(engine: ScoringEngine, settings: PerplexitySettings | MisalignSettings, task: str) -> int | None:
+    """Every check that needs only the settings and the backend; returns the BOS id to prepend."""
+    bos = resolve_bos(engine.tokenizer, settings.add_bos)
     if settings.kind == "ppl":
         ppl.check_sliding(settings, bos)
+        need = ppl.longest_input(settings, bos)
+        if settings.protocol == "ladder" and need > engine.max_length >= settings.max_length + (bos is not None):
+            # max(lengths) fits, the targets after it do not: name the setting to change.
+            raise LengthLimitError(
+                f"task {task}: the ladder reads max(lengths) + target_tokens - 1 = {settings.max_length} + "
+                f"{settings.target_tokens} - 1 = {need - (bos is not None)} tokens"
+                f"{' plus a BOS' if bos is not None else ''}, but the {engine.name} backend takes at most "
+                f"{engine.max_length}; lower target_tokens (at most "
+                f"{engine.max_length - settings.max_length - (bos is not None) + 1}) or max(lengths), "
+                f"or {engine.length_hint} (at least {need})"
+            )
+    else:
+        need = mis.longest_input(settings, bos)
+    engine.check_lengths(need, f"task {task} at max(lengths)={settings.max_length}")
+    return bos
 
-    token_ids = [tokenize(tokenizer, d.text) for d in docs]
+
+def plan_task(
+    engine: ScoringEngine, settings: PerplexitySettings | MisalignSettings, docs: Sequence[Document], task: str
+) -> TaskPlan:
+    """Check and tokenize a task's documents; raise before any scoring if the task cannot run."""
+    bos = check_engine(engine, settings, task)
+    token_ids = [tokenize(engine.tokenizer, d.text) for d in docs]
     usable, responses = [], []
     for doc, ids in zip(docs, token_ids, strict=True):
-        need = ppl.needed_tokens(settings) if settings.kind == "ppl" else mis.needed_tokens(settings, doc.doc_index)
+        need = needed_tokens(settings, doc.doc_index)
         base = {"doc_index": doc.doc_index, "title": doc.title, "n_tokens": int(len(ids))}
         if len(ids) < need:
             log.warning("%s: skipping document %d (%r): %d tokens, the protocol needs %d",
@@ -85,21 +126,65 @@ def evaluate_documents(
             f"task {task}: every document is too short for {_describe(settings)} (needs "
             f"{responses[0]['needed_tokens']} tokens): {shortest}. Use shorter lengths or longer documents."
         )
+    budget = settings.batch_tokens or engine.batch_tokens
+    costs = {i: _input_tokens(settings, len(token_ids[i]), bos) for i in usable}
+    return TaskPlan(task, settings, bos, list(docs), token_ids, responses, _chunk(usable, costs, budget))
 
-    docs_ids = [(docs[i], token_ids[i], responses[i]) for i in usable]
+
+def _input_tokens(s: PerplexitySettings | MisalignSettings, n_doc: int, bos: int | None) -> int:
+    """About how many tokens the backend reads for one document (sizes the scoring chunks)."""
+    extra = 1 if bos is not None else 0
+    if s.kind == "ppl":
+        if s.protocol == "ladder":
+            return sum(length + s.target_tokens - 1 + extra for length in s.lengths)
+        if s.protocol == "truncate":
+            return s.max_length + extra
+        n = min(n_doc, s.doc_tokens_cap())
+        return len(s.lengths) * (n + extra)
+    if s.mode == "last":
+        return sum((length + extra) * (1 + s.pairs) for length in s.lengths)
+    return sum(2 * (length + extra) for length in s.lengths)
+
+
+def _chunk(indices: list[int], costs: dict[int, int], budget: int) -> list[list[int]]:
+    """Consecutive groups of documents whose input tokens stay within ``budget`` (at least one each)."""
+    chunks: list[list[int]] = []
+    used = budget
+    for i in indices:
+        if used + costs[i] > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += costs[i]
+    return chunks
+
+
+def score_documents(engine: ScoringEngine, plan: TaskPlan, indices: Sequence[int]) -> None:
+    """Score the usable documents ``indices`` of ``plan``, filling in their responses."""
+    s = plan.settings
+    docs_ids = [(plan.docs[i], plan.token_ids[i], plan.responses[i]) for i in indices]
     backend_budget = engine.batch_tokens
-    if settings.batch_tokens is not None:  # this task's budget; the engine is shared by tasks
-        engine.batch_tokens = settings.batch_tokens
+    if s.batch_tokens is not None:  # this task's budget; the engine is shared by tasks
+        engine.batch_tokens = s.batch_tokens
     try:
-        if settings.kind == "ppl":
-            _score_perplexity(engine, settings, docs_ids, bos)
-        elif settings.mode == "last":
-            _score_last(engine, settings, docs_ids, bos)
+        if s.kind == "ppl":
+            _score_perplexity(engine, s, docs_ids, plan.bos)
+        elif s.mode == "last":
+            _score_last(engine, s, docs_ids, plan.bos)
         else:
-            _score_dense(engine, settings, docs_ids, bos)
+            _score_dense(engine, s, docs_ids, plan.bos)
     finally:
         engine.batch_tokens = backend_budget
-    return responses
+
+
+def evaluate_documents(
+    engine: ScoringEngine, settings: PerplexitySettings | MisalignSettings, docs: Sequence[Document], task: str
+) -> list[dict]:
+    """One response per document, in order; skipped documents get ``{"skipped": True, ...}``."""
+    plan = plan_task(engine, settings, docs, task)
+    for chunk in plan.chunks:
+        score_documents(engine, plan, chunk)
+    return plan.responses
 
 
 def _describe(s) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 PPL_PROTOCOLS = ("ladder", "truncate", "sliding")
@@ -85,6 +86,8 @@ class MisalignSettings:
     def min_short(self, length: int) -> int:
         return math.ceil(self.min_ratio * length)
 
+
+_CLASSES = {"ppl": PerplexitySettings, "misalign": MisalignSettings}
 
 # Keys lm-eval itself puts into task metadata.
 HARNESS_KEYS = frozenset({"version", "config_source", "_metadata", "num_fewshot"})
@@ -173,34 +176,41 @@ def _convert(key: str, value: Any) -> Any:
 
 
 def parse_settings(
-    kind: str, metadata: dict[str, Any], *, foreign_keys: frozenset[str] | set[str] = frozenset()
+    kind: str,
+    metadata: dict[str, Any],
+    *,
+    foreign_keys: frozenset[str] | set[str] = frozenset(),
+    other_keys: dict[str, Sequence[str]] | None = None,
 ) -> PerplexitySettings | MisalignSettings:
     """Build the settings of a task family from its metadata.
 
-    ``foreign_keys`` are keys that belong to someone else (dataset loaders, model
-    arguments that lm-eval merges into task metadata); any other unknown key is an
-    error that lists the known ones, so a typo never silently falls back to a default.
+    ``foreign_keys`` are keys that belong to someone else (model arguments that lm-eval
+    merges into task metadata) and are ignored. ``other_keys`` names further groups of keys
+    that are valid in metadata but read elsewhere (e.g. ``{"data keys": DATASET_KEYS}``): they
+    are ignored here and listed in the error for an unknown key, which names every known key
+    (both task families' and those groups), so a typo never silently falls back to a default.
     """
-    cls = {"ppl": PerplexitySettings, "misalign": MisalignSettings}[kind]
+    cls = _CLASSES[kind]
     own = setting_keys(cls)
-    other_family = set(setting_keys(MisalignSettings if kind == "ppl" else PerplexitySettings)) - set(own)
+    known = {"perplexity tasks": setting_keys(PerplexitySettings),
+             "misalignment tasks": setting_keys(MisalignSettings), **(other_keys or {})}
+    recognised = {key for keys in known.values() for key in keys}
     values: dict[str, Any] = {}
     unknown = []
     for key, value in metadata.items():
         if key in own:
             if value is not None or key in ("stride", "max_doc_tokens", "single_pass", "batch_tokens"):
                 values[key] = _convert(key, value)
-        elif key in HARNESS_KEYS or key in foreign_keys:
-            continue
-        elif key in other_family:
+        elif key in HARNESS_KEYS or key in foreign_keys or key in recognised:
             # A group run passes one --metadata to perplexity and misalignment tasks alike.
             continue
         else:
             unknown.append(key)
     if unknown:
+        listing = "; ".join(f"{what}: {sorted(keys)}" for what, keys in known.items())
         raise ValueError(
-            f"unknown metadata key(s) {sorted(unknown)} for longshort {kind} tasks; "
-            f"known keys: {sorted(own)} (fix the spelling or drop the key)"
+            f"unknown metadata key(s) {sorted(unknown)} for longshort {kind} tasks; known keys are "
+            f"{listing} (fix the spelling or drop the key)"
         )
     settings = cls(**values)
     _check(settings)
@@ -236,8 +246,27 @@ def _check(settings: PerplexitySettings | MisalignSettings) -> None:
                 f"metadata pairs={settings.pairs} exceeds the {available} distinct short lengths in "
                 f"[{low}, {length - 1}] for L={length}; lower pairs or min_ratio, or raise L"
             )
-        if settings.mode == "dense" and low > length - 1:
-            raise ValueError(f"L={length} leaves no position with short context >= {low}; lower min_ratio")
+        if settings.mode == "dense" and min(length // 2, available) < 1:
+            raise ValueError(
+                f"metadata min_ratio={settings.min_ratio} with L={length} leaves no dense gap: the short "
+                f"context must be >= {low} of {length} tokens; lower min_ratio or raise L"
+            )
+
+
+# Settings read by one protocol or mode only; the others ignore them.
+_ONLY_FOR = {"target_tokens": "ladder", "alpha": "ladder", "beta": "ladder", "stride": "sliding",
+             "max_doc_tokens": "sliding", "single_pass": "truncate", "pairs": "last"}
+
+
+def measured_settings(settings: PerplexitySettings | MisalignSettings) -> dict:
+    """The settings that decide what a task measures: those its protocol or mode reads, without
+    the batch budget (which changes speed, not numbers). Two results are comparable only when
+    these are equal (plus the same documents)."""
+    values = dataclasses.asdict(settings)
+    variant = settings.protocol if settings.kind == "ppl" else settings.mode
+    values = {k: v for k, v in values.items() if k != "batch_tokens" and _ONLY_FOR.get(k, variant) == variant}
+    values["lengths"] = list(values["lengths"])
+    return {"kind": settings.kind, **values}
 
 
 def settings_to_json(settings: PerplexitySettings | MisalignSettings) -> str:
@@ -248,13 +277,13 @@ def settings_to_json(settings: PerplexitySettings | MisalignSettings) -> str:
 
 def settings_from_json(text: str) -> PerplexitySettings | MisalignSettings:
     payload = json.loads(text)
-    kind = payload.pop("kind")
-    cls = {"ppl": PerplexitySettings, "misalign": MisalignSettings}[kind]
+    cls = _CLASSES[payload.pop("kind")]
     payload["lengths"] = tuple(payload["lengths"])
     return cls(**payload)
 
 
 __all__ = [
+    "measured_settings",
     "MisalignSettings",
     "PerplexitySettings",
     "parse_settings",
