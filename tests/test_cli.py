@@ -11,7 +11,7 @@ Every logged number is checked against an independent plain-transformers computa
 
 from __future__ import annotations
 
-import ast
+import csv
 import glob
 import json
 import math
@@ -90,9 +90,9 @@ def any_run(request) -> dict:
 
 
 def _response(sample: dict) -> dict:
-    """The per-document response lm-eval logged (it writes the dict's repr)."""
+    """The per-document response lm-eval logged: a JSON string (valid JSON all the way down)."""
     resp = sample["resps"][0][0]
-    return resp if isinstance(resp, dict) else ast.literal_eval(resp)
+    return resp if isinstance(resp, dict) else json.loads(resp)
 
 
 def _doc_ids(tokenizer, text: str) -> list[int]:
@@ -313,17 +313,73 @@ def test_task_manager_include_path_finds_tasks():
 
 
 def test_report_prints_the_ppl_values(group_run):
+    """Every per-length value with ± its standard error from the results JSON; backend and dtype."""
     out = _run([LONGSHORT, "report", str(group_run["dir"])]).stdout
     res = group_run["results"]["results"]
     for length in LENGTHS:
         row = next(line for line in out.splitlines() if re.match(rf"\s*{length}\s*\|", line))
-        assert f"{res[PPL][f'ppl@{length},none']:.5g}" in row, (row, out)
-        assert f"{res[MIS][f'symkl@{length},none']:.5g}" in row, (row, out)
+        for task, metric in ((PPL, "ppl"), (PPL, "bpb"), *((MIS, m) for m in MISALIGN_METRICS)):
+            value, error = res[task][f"{metric}@{length},none"], res[task][f"{metric}@{length}_stderr,none"]
+            assert isinstance(error, float) and math.isfinite(error), (metric, length, error)
+            assert f"{value:.5g}±{error:.2g}" in row.split(), (metric, row, out)
     assert f"ppl@max={res[PPL]['ppl@max,none']:.5g}" in out
+    assert out.splitlines()[0].startswith("== smollm2-135m-instruct  [hf, float32]")
+    assert "± = standard error over documents (delta method)" in out
+    assert "different things" not in out  # one run: nothing to keep apart
+
+
+def test_two_real_runs_measured_the_same_and_compare(group_run, ppl_run, tmp_path):
+    """The ppl task run in the group (installed YAML, group metadata with `pairs`) and alone
+    (--include_path) measured the same thing: one group; their paired difference is ~0 and the
+    difference between lengths is the reported values' difference."""
+    grouped = group_run["results"]["configs"][PPL]["longshort"]["measured"]
+    assert grouped == ppl_run["results"]["configs"][PPL]["longshort"]["measured"]
+    dirs = [str(group_run["dir"]), str(ppl_run["dir"])]
+    assert "different things" not in _run([LONGSHORT, "report", *dirs]).stdout
+    csv_path = tmp_path / "cmp.csv"
+    _run([LONGSHORT, "compare", *dirs, "--label", "g", "p", "--csv", str(csv_path)])
+    with (tmp_path / "cmp_differences.csv").open() as fh:
+        diffs = {(r["label"], r["versus"], r["metric"], r["L"], r["versus_L"]): r for r in csv.DictReader(fh)}
+    res = group_run["results"]["results"][PPL]
+    for length in LENGTHS:
+        between = diffs["p", "g", "ppl", str(length), str(length)]
+        assert abs(float(between["difference"])) <= 1e-6 * res[f"ppl@{length},none"], between
+        assert between["n_docs"] == "2"
+    within = diffs["g", "g", "ppl", str(C), str(min(LENGTHS))]
+    assert float(within["difference"]) == pytest.approx(res[f"ppl@{C},none"] - res[f"ppl@{min(LENGTHS)},none"],
+                                                        rel=1e-9)
+    assert math.isfinite(float(within["stderr"])) and float(within["stderr"]) > 0
+
+
+def test_compare_refuses_real_results_with_other_lengths(group_run, tmp_path):
+    """The same real results file with its recorded lengths changed to [64, 192] (what a run with
+    those lengths records) is refused, naming the key; `plot` draws it in a row of its own."""
+    source = next(Path(group_run["dir"]).rglob("results_*.json"))
+    data = json.loads(source.read_text())
+    for task in (PPL, MIS):
+        data["configs"][task]["longshort"]["measured"]["lengths"] = [64, 192]
+    other = tmp_path / "other" / "results_2020-01-01T00-00-00.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(data))
+    proc = subprocess.run([LONGSHORT, "compare", str(group_run["dir"]), str(other)], capture_output=True,
+                          text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2 and "keys differing: lengths" in proc.stderr, proc.stderr
+    assert "with lengths [64, 192]" in proc.stderr and "Traceback" not in proc.stderr
+    target = tmp_path / "two_groups.png"
+    out = _run([LONGSHORT, "plot", str(group_run["dir"]), str(other), "-o", str(target)]).stdout
+    assert "keys differing: lengths" in out
+    width, height = _png_size(target)
+    assert (width, height) == (round(5.6 * 3 * 120), round(4.6 * 2 * 120))  # ppl, symkl, sce x 2 groups
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def test_plot_writes_a_png(group_run, tmp_path):
     target = tmp_path / "x.png"
-    proc = _run([LONGSHORT, "plot", str(group_run["dir"]), "-o", str(target)])
+    proc = _run([LONGSHORT, "plot", str(group_run["dir"]), "-o", str(target), "--trained-context", "8192"])
     assert target.is_file() and target.stat().st_size > 1000, proc.stdout
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _png_size(target) == (round(5.6 * 3 * 120), round(4.6 * 120))  # one group: one row

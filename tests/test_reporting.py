@@ -770,10 +770,12 @@ def test_trained_context_must_be_a_positive_length(one_run: Path, capsys, value)
 
 
 def test_keyppl_without_key_tokens_says_so(tmp_path: Path):
-    path = write_results(tmp_path, "m", {PPL: ppl_entry({128: 5.0}, keyppl=math.nan, key_frac=0.0)})
-    (run,) = load_runs([path])
+    entry = ppl_entry({128: 5.0}, ppl_at_max=5.0, keyppl=math.nan, key_frac=0.0)
+    entry |= {"ppl@max_stderr,none": 0.5, "keyppl_stderr,none": math.nan, "key_frac_stderr,none": "N/A"}
+    (run,) = load_runs([write_results(tmp_path, "m", {PPL: entry})])
     line = reporting.tables.format_scalars(run)
-    assert "keyppl: no key tokens" in line and "nan" not in line and "key_frac=0" in line
+    assert "keyppl: no key tokens" in line and "nan" not in line
+    assert "key_frac=0 " in line and "ppl@max=5±0.5" in line  # scalars carry ± too, where reported
 
 
 def test_model_args_after_prepare_without_conversion(tmp_path: Path, monkeypatch, capsys, assets):

@@ -44,6 +44,7 @@ class Run:
     sources: list[Path] = field(default_factory=list)
     metadata: dict[str, dict] = field(default_factory=dict)
     stderr: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    scalar_stderr: dict[str, dict[str, float]] = field(default_factory=dict)
     longshort: dict[str, dict | None] = field(default_factory=dict)  # None: file predates it
     backend: str = "?"
     dtype: str = "?"
@@ -134,6 +135,7 @@ class _TaskMetrics:
     per_length: dict[str, dict[int, float]] = field(default_factory=dict)
     stderr: dict[str, dict[int, float]] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    scalar_stderr: dict[str, float] = field(default_factory=dict)
 
 
 def _parse_task_metrics(entry: dict) -> _TaskMetrics:
@@ -154,9 +156,10 @@ def _parse_task_metrics(entry: dict) -> _TaskMetrics:
         if slot in chosen and (chosen[slot] == "none" or filt != "none"):
             continue
         chosen[slot] = filt
-        if is_stderr:
-            if length is not None:
-                out.stderr.setdefault(metric, {})[length] = value
+        if is_stderr and length is None:
+            out.scalar_stderr[metric] = value
+        elif is_stderr:
+            out.stderr.setdefault(metric, {})[length] = value
         elif length is None:
             out.scalars[metric] = value
         else:
@@ -242,6 +245,7 @@ def read_results_file(path: str | Path) -> Run:
         run.per_length[task] = metrics.per_length
         run.stderr[task] = metrics.stderr
         run.scalars[task] = metrics.scalars
+        run.scalar_stderr[task] = metrics.scalar_stderr
         run.metadata[task] = dict(config.get("metadata") or {})
         record = config.get("longshort")
         run.longshort[task] = record if isinstance(record, dict) else None
@@ -260,6 +264,7 @@ def _merge_into(base: Run, newer: Run) -> None:
     """Add ``newer``'s tasks to ``base``; a task present in both takes ``newer``'s values."""
     for mine, theirs in ((base.per_length, newer.per_length), (base.scalars, newer.scalars),
                          (base.metadata, newer.metadata), (base.stderr, newer.stderr),
+                         (base.scalar_stderr, newer.scalar_stderr),
                          (base.longshort, newer.longshort)):
         mine.update(theirs)
     base.sources.append(newer.path)

@@ -112,18 +112,19 @@ def format_length_table(run: Run) -> str:
     return render_table(header, rows, groups)
 
 
-def _scalar_text(name: str, value: float) -> str:
-    """``name=value``; a NaN keyppl means no target was a key token, and says so."""
+def _scalar_text(name: str, value: float, error: float | None) -> str:
+    """``name=value±error``; a NaN keyppl means no target was a key token, and says so."""
     if name == "keyppl" and math.isnan(value):
         return f"keyppl: {NO_KEY_TOKENS}"
-    return f"{name}={format_value(value)}"
+    return f"{name}={format_with_error(value, error)}"
 
 
 def format_scalars(run: Run) -> str:
     """One line per task with its non-per-length metrics (ppl@max, keyppl, key_frac, ...)."""
     lines = []
     for task in sorted(run.scalars):
-        items = "  ".join(_scalar_text(k, v) for k, v in sorted(run.scalars[task].items()))
+        errors = run.scalar_stderr.get(task, {})
+        items = "  ".join(_scalar_text(k, v, errors.get(k)) for k, v in sorted(run.scalars[task].items()))
         if items:
             lines.append(f"{short_task(task)}: {items}")
     return "\n".join(lines)
