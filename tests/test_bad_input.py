@@ -155,8 +155,18 @@ def test_unknown_key_via_simple_evaluate_metadata(hflm):
     with pytest.raises(ValueError, match=r"unknown metadata key\(s\) \['lenghts'\]") as info:
         lm_eval.simple_evaluate(model=hflm, tasks=[PPL], metadata={"lenghts": [64, 256]}, limit=1)
     message = str(info.value)
-    assert "known keys: ['add_bos', 'alpha'," in message and "'lengths'" in message, message
+    assert "perplexity tasks: ['add_bos', 'alpha'," in message and "'lengths'" in message, message
     assert "fix the spelling or drop the key" in message
+
+
+def test_unknown_key_in_a_group_run_lists_every_known_key(hflm):
+    """A group's --metadata reaches both task kinds: the error lists both kinds' keys and the data keys."""
+    with pytest.raises(ValueError, match=r"unknown metadata key\(s\) \['pair'\]") as info:
+        evaluate(hflm, [PPL, MIS], {"lengths": [64], "pair": 2})
+    message = str(info.value)
+    for listed in ("perplexity tasks: [", "'target_tokens'", "misalignment tasks: [", "'min_ratio'",
+                   "data keys: [", "'files'", "'hf_dataset'"):
+        assert listed in message, (listed, message)
 
 
 def test_unknown_key_misalignment_lists_its_keys(hflm):

@@ -157,6 +157,22 @@ def install() -> None:
     original = lm_eval.evaluator_utils.stderr_for_metric
     if not getattr(original, "longshort", False):
         lm_eval.evaluator_utils.stderr_for_metric = _stderr_for_metric_with(original)
+    _show_info_logs()
+
+
+def _show_info_logs() -> None:
+    """Print our INFO lines (documents resumed, scored) like lm-eval's own, unless logging is set up.
+
+    lm-eval configures only its ``lm_eval`` logger; without a handler Python would print our
+    warnings alone. Records still propagate to the root logger (and to pytest's caplog).
+    """
+    package = logging.getLogger("lm_eval_longshort")
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s [longshort] %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def _stderr_for_metric_with(original):
