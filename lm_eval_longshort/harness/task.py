@@ -16,6 +16,8 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
+import math
 from pathlib import Path
 
 from lm_eval.api.instance import Instance
@@ -29,6 +31,7 @@ from lm_eval_longshort.numerics.divergences import METRIC_NAMES
 from lm_eval_longshort.protocols.settings import measured_settings, parse_settings, settings_to_json
 
 lm_method.install()
+log = logging.getLogger(__name__)
 
 # from_pretrained keyword arguments HFLM forwards that are not in its signature.
 _FROM_PRETRAINED_KEYS = {
@@ -167,6 +170,18 @@ def _data_keys(config: dict, metadata: dict) -> dict:
     return {k: metadata[k] for k in used if k in metadata}
 
 
+def _keyppl(pairs) -> float:
+    """keyppl, saying why when it is NaN (no target was a key token)."""
+    value = aggregate.perplexity(pairs)
+    if math.isnan(value):
+        log.warning("keyppl is NaN: no target is a key token (key_frac = 0): long context helped no "
+                    "target by more than alpha nats with a confident long-context prediction")
+    return value
+
+
+_keyppl.stderr = aggregate.perplexity.stderr  # type: ignore[attr-defined]
+
+
 class PerplexityTask(_LongShortTask):
     """``longshort_ppl_*``: ppl@L, bpb@L, ppl@max (+ keyppl, key_frac for ladder), skipped_docs."""
 
@@ -178,7 +193,7 @@ class PerplexityTask(_LongShortTask):
         aggs.update({f"bpb@{n}": aggregate.bits_per_byte for n in lengths})
         aggs["ppl@max"] = aggregate.perplexity
         if self.settings.protocol == "ladder":
-            aggs["keyppl"] = aggregate.perplexity
+            aggs["keyppl"] = _keyppl
             aggs["key_frac"] = aggregate.pooled_ratio
         return aggs | self._common_aggregations()
 
