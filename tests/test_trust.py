@@ -206,3 +206,26 @@ def test_unreadable_file_names_the_file(hflm, tmp_path, name, payload, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
         evaluate(hflm, [PPL_LOCAL], {"files": str(path), "lengths": [32]})
     assert name in str(info.value)
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def test_compare_refuses_real_runs_that_measured_different_targets(hflm, group_run, tmp_path, capsys):
+    """The issue's case: lengths [32, 96] and [32, 64] both report ppl@32, but the ladder's targets
+    sit at C = max(lengths), so those are different tokens: compare must refuse and name `lengths`."""
+    from lm_eval_longshort import cli
+
+    other = evaluate(hflm, [PPL, MIS], {"lengths": [32, 64], "target_tokens": 16, "pairs": 2}, limit=3,
+                     bootstrap_iters=100)
+    files = []
+    for name, out in (("a", group_run), ("b", other)):
+        path = tmp_path / name / "results_2026-01-01T00-00-00.json"
+        path.parent.mkdir()
+        keep = {k: out[k] for k in ("results", "configs", "config", "versions", "group_subtasks") if k in out}
+        path.write_text(json.dumps(keep, default=str), encoding="utf-8")
+        files.append(str(path))
+    assert cli.main(["compare", *files, "--label", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "keys differing: lengths" in err, err
+    assert "Traceback" not in err

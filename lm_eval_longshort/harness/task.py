@@ -204,7 +204,7 @@ class PerplexityTask(_LongShortTask):
             values[f"ppl@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_targets"])
         for n in self.settings.lengths:
             values[f"bpb@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_bytes"])
-        values["ppl@max"] = values[f"ppl@{self.settings.max_length}"]
+        values["ppl@max"] = values[f"ppl@{self.settings.longest}"]
         if "key_tokens" in response:
             key = response["key_tokens"]
             values["keyppl"] = (key["key_nll_sum"], key["n_key"])

@@ -38,27 +38,28 @@ def dense_gap(s: MisalignSettings, doc_index: int, length: int) -> int:
 
 def needed_tokens(s: MisalignSettings, doc_index: int) -> int:
     if s.mode == "last":
-        return s.max_length
+        return s.longest
     return max(length + dense_gap(s, doc_index, length) for length in s.lengths)
 
 
 def longest_input(s: MisalignSettings, bos: int | None) -> int:
-    return s.max_length + (1 if bos is not None else 0)
+    return s.longest + (1 if bos is not None else 0)
 
 
 # last: every input ends at E = C, so all lengths predict the same next token ids[C].
 def last_prompts(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label: str):
-    """Prompts in the order [long_L, short_L_1..short_L_pairs] for each L, and the pair layout."""
-    end = s.max_length
-    prompts, layout = [], []
+    """Prompts in the order [long_L, short_L_1..short_L_pairs] for each L; per pair, its logged
+    record and the (long, short) prompt indices whose distributions it compares."""
+    end = s.longest
+    prompts, records, rows = [], [], []
     for length in s.lengths:
         long_at = len(prompts)
         prompts.append(Prompt(tokens=ids[end - length : end], bos=bos, label=f"{label} L={length}"))
         for short in short_lengths(s, doc_index, length):
-            layout.append({"doc_index": doc_index, "end": end, "long_len": length, "short_len": short,
-                           "_long": long_at, "_short": len(prompts)})
+            records.append({"doc_index": doc_index, "end": end, "long_len": length, "short_len": short})
+            rows.append((long_at, len(prompts)))
             prompts.append(Prompt(tokens=ids[end - short : end], bos=bos, label=f"{label} L={length} l={short}"))
-    return prompts, layout
+    return prompts, records, rows
 
 
 # dense: A = ids[0:L], B = ids[e:e+L]; compare A after ids[t] with B after the same token.

@@ -21,8 +21,8 @@ Decode = Callable[[np.ndarray], str]
 def needed_tokens(s: PerplexitySettings) -> int:
     """Document tokens a protocol needs; shorter documents are skipped for the whole task."""
     if s.protocol == "ladder":
-        return s.max_length + s.target_tokens
-    return s.max_length  # truncate and sliding read ids[0:C] at least
+        return s.longest + s.target_tokens
+    return s.longest  # truncate and sliding read ids[0:C] at least
 
 
 def longest_input(s: PerplexitySettings, bos: int | None) -> int:
@@ -30,8 +30,8 @@ def longest_input(s: PerplexitySettings, bos: int | None) -> int:
     extra = 1 if bos is not None else 0
     if s.protocol == "ladder":
         # The window ids[C-L : C+W] is fed without its last token (a target, never a context).
-        return s.max_length + s.target_tokens - 1 + extra
-    return s.max_length + extra
+        return s.longest + s.target_tokens - 1 + extra
+    return s.longest + extra
 
 
 def _n_bytes(decode: Decode, span: np.ndarray) -> int:
@@ -45,7 +45,7 @@ def _record(length: int, nll: np.ndarray, n_bytes: int) -> dict:
 # ladder: targets T = ids[C : C+W]; context L reads ids[C-L : C+W-1] and predicts each of T.
 # A TargetWindow scores tokens[score_from:], so the window holds the W targets: ids[C-L : C+W].
 def ladder_windows(ids: np.ndarray, s: PerplexitySettings, bos: int | None, label: str) -> list[TargetWindow]:
-    c, w = s.max_length, s.target_tokens
+    c, w = s.longest, s.target_tokens
     return [
         TargetWindow(tokens=ids[c - length : c + w], score_from=length, bos=bos, label=f"{label} L={length}")
         for length in s.lengths
@@ -53,7 +53,7 @@ def ladder_windows(ids: np.ndarray, s: PerplexitySettings, bos: int | None, labe
 
 
 def ladder_summarize(ids, nlls, s: PerplexitySettings, bos, decode: Decode) -> dict:
-    c, w = s.max_length, s.target_tokens
+    c, w = s.longest, s.target_tokens
     n_bytes = _n_bytes(decode, ids[c : c + w])  # same targets for every L
     records = [_record(length, nll, n_bytes) for length, nll in zip(s.lengths, nlls, strict=True)]
     nll_long, nll_short = nlls[-1], nlls[0]  # lengths are sorted: [-1] is C, [0] is min
@@ -68,8 +68,8 @@ def truncate_windows(
 ) -> list[TargetWindow]:
     first = 0 if bos is not None else 1
     if single_pass:
-        return [TargetWindow(tokens=ids[: s.max_length], score_from=first, bos=bos,
-                             label=f"{label} L<={s.max_length}", feed_last=True)]
+        return [TargetWindow(tokens=ids[: s.longest], score_from=first, bos=bos,
+                             label=f"{label} L<={s.longest}", feed_last=True)]
     return [
         TargetWindow(tokens=ids[:length], score_from=first, bos=bos, label=f"{label} L={length}", feed_last=True)
         for length in s.lengths

@@ -39,12 +39,12 @@ def tokenize(tokenizer, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def resolve_bos(tokenizer, add_bos: str) -> int | None:
-    """The BOS id to prepend to every window, or None (``auto``: as the tokenizer does for plain text)."""
+def resolve_bos(tokenizer, add_bos: bool | None) -> int | None:
+    """The BOS id to prepend to every window, or None (``None``/auto: as the tokenizer does for plain text)."""
     bos = tokenizer.bos_token_id
-    if add_bos == "false":
+    if add_bos is False:
         return None
-    if add_bos == "true":
+    if add_bos is True:
         if bos is None:
             raise ValueError("metadata add_bos=true but the tokenizer has no BOS token; use add_bos=false")
         return int(bos)
@@ -87,19 +87,19 @@ def check_engine(engine: ScoringEngine, settings: PerplexitySettings | MisalignS
     if settings.kind == "ppl":
         ppl.check_sliding(settings, bos)
         need = ppl.longest_input(settings, bos)
-        if settings.protocol == "ladder" and need > engine.max_length >= settings.max_length + (bos is not None):
+        if settings.protocol == "ladder" and need > engine.max_length >= settings.longest + (bos is not None):
             # max(lengths) fits, the targets after it do not: name the setting to change.
             raise LengthLimitError(
-                f"task {task}: the ladder reads max(lengths) + target_tokens - 1 = {settings.max_length} + "
+                f"task {task}: the ladder reads max(lengths) + target_tokens - 1 = {settings.longest} + "
                 f"{settings.target_tokens} - 1 = {need - (bos is not None)} tokens"
                 f"{' plus a BOS' if bos is not None else ''}, but the {engine.name} backend takes at most "
                 f"{engine.max_length}; lower target_tokens (at most "
-                f"{engine.max_length - settings.max_length - (bos is not None) + 1}) or max(lengths), "
+                f"{engine.max_length - settings.longest - (bos is not None) + 1}) or max(lengths), "
                 f"or {engine.length_hint} (at least {need})"
             )
     else:
         need = mis.longest_input(settings, bos)
-    engine.check_lengths(need, f"task {task} at max(lengths)={settings.max_length}")
+    engine.check_lengths(need, f"task {task} at max(lengths)={settings.longest}")
     return bos
 
 
@@ -138,7 +138,7 @@ def _input_tokens(s: PerplexitySettings | MisalignSettings, n_doc: int, bos: int
         if s.protocol == "ladder":
             return sum(length + s.target_tokens - 1 + extra for length in s.lengths)
         if s.protocol == "truncate":
-            return s.max_length + extra
+            return s.longest + extra
         n = min(n_doc, s.doc_tokens_cap())
         return len(s.lengths) * (n + extra)
     if s.mode == "last":
@@ -229,22 +229,18 @@ def _score_perplexity(engine: ScoringEngine, s: PerplexitySettings, docs_ids, bo
 
 
 def _score_last(engine: ScoringEngine, s: MisalignSettings, docs_ids, bos) -> None:
-    prompts, layouts = [], []
+    prompts, per_doc = [], []
     for doc, ids, _ in docs_ids:
-        doc_prompts, layout = mis.last_prompts(ids, s, doc.doc_index, bos, _label(doc))
-        for pair in layout:
-            pair["_long"] += len(prompts)
-            pair["_short"] += len(prompts)
+        doc_prompts, records, rows = mis.last_prompts(ids, s, doc.doc_index, bos, _label(doc))
+        per_doc.append((records, [(a + len(prompts), b + len(prompts)) for a, b in rows]))
         prompts.extend(doc_prompts)
-        layouts.append(layout)
     logprobs = engine.last_logprobs(prompts)  # [n_prompts, V]
-    for (_, _, response), layout in zip(docs_ids, layouts, strict=True):
-        long_rows = torch.tensor([p.pop("_long") for p in layout])
-        short_rows = torch.tensor([p.pop("_short") for p in layout])
+    for (_, _, response), (records, rows) in zip(docs_ids, per_doc, strict=True):
+        long_rows, short_rows = (torch.tensor(r) for r in zip(*rows, strict=True))
         values = all_divergences(logprobs[long_rows], logprobs[short_rows])
-        for i, pair in enumerate(layout):
-            pair.update({name: float(values[name][i]) for name in METRIC_NAMES})
-        response["pairs"] = layout
+        for i, record in enumerate(records):
+            record.update({name: float(values[name][i]) for name in METRIC_NAMES})
+        response["pairs"] = records
         response["mode"] = "last"
 
 

@@ -8,8 +8,10 @@ lm-eval beyond the shape of the metadata dict.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
@@ -18,69 +20,82 @@ PPL_PROTOCOLS = ("ladder", "truncate", "sliding")
 MISALIGN_MODES = ("last", "dense")
 
 
+def _setting(default, *, minimum: int | None = None, choices: tuple[str, ...] | None = None):
+    """A dataclass field whose parsing constraints travel with it (read by ``parse_settings``)."""
+    return dataclasses.field(default=default, metadata={"minimum": minimum, "choices": choices})
+
+
 @dataclass(frozen=True)
 class PerplexitySettings:
     """How a ``longshort_ppl_*`` task scores documents (METRICS.md, "Long-context perplexity")."""
 
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    lengths: tuple[int, ...] = _setting((1024, 2048, 4096, 8192), minimum=2)
     """Context lengths L to evaluate, in document tokens (BOS never counts)."""
-    protocol: str = "ladder"
+    protocol: str = _setting("ladder", choices=PPL_PROTOCOLS)
     """``ladder`` (fixed targets, growing context), ``truncate`` (YaRN/LongRoPE), ``sliding`` (strided)."""
-    target_tokens: int = 256
+    target_tokens: int = _setting(256, minimum=1)
     """ladder: W, the number of fixed target tokens after the longest context."""
-    stride: int | None = None
+    stride: int | None = _setting(None, minimum=1)
     """sliding: window stride S; default L // 2."""
-    max_doc_tokens: int | None = None
+    max_doc_tokens: int | None = _setting(None, minimum=1)
     """sliding: score at most this many tokens of each document; default 4 · max(lengths)."""
-    single_pass: bool | None = None
-    """truncate: one pass for all lengths; default: yes unless positions depend on sequence length."""
-    alpha: float = 2.0
+    single_pass: bool | None = _setting(None)
+    """truncate: one pass for all lengths; None (``auto``): yes unless positions depend on sequence length."""
+    alpha: float = _setting(2.0)
     """ladder key tokens: nll_short - nll_long must exceed alpha."""
-    beta: float = -2.0
+    beta: float = _setting(-2.0)
     """ladder key tokens: -nll_long must exceed beta (the long-context prediction is confident)."""
-    add_bos: str = "auto"
-    """``auto`` (prepend BOS iff the tokenizer does so for plain text), ``true`` or ``false``."""
-    batch_tokens: int | None = None
+    add_bos: bool | None = _setting(None)
+    """Prepend BOS to every window: None (``auto``) iff the tokenizer does so for plain text."""
+    batch_tokens: int | None = _setting(None, minimum=1)
     """Most tokens per forward batch / generate call; default: the backend's (hf 32768, vllm 262144)."""
 
     kind = "ppl"
 
+    def __post_init__(self) -> None:
+        _normalize(self)
+
     @property
-    def max_length(self) -> int:
+    def longest(self) -> int:
+        """C = max(lengths)."""
         return max(self.lengths)
 
     def stride_for(self, length: int) -> int:
         return self.stride if self.stride is not None else max(1, length // 2)
 
     def doc_tokens_cap(self) -> int:
-        return self.max_doc_tokens if self.max_doc_tokens is not None else 4 * self.max_length
+        return self.max_doc_tokens if self.max_doc_tokens is not None else 4 * self.longest
 
 
 @dataclass(frozen=True)
 class MisalignSettings:
     """How a ``longshort_misalign_*`` task pairs long and short inputs (METRICS.md, "Long-Short Misalignment")."""
 
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    lengths: tuple[int, ...] = _setting((1024, 2048, 4096, 8192), minimum=2)
     """Long context lengths L."""
-    mode: str = "last"
+    mode: str = _setting("last", choices=MISALIGN_MODES)
     """``last`` (suffix pairs ending at the same token) or ``dense`` (overlapping windows)."""
-    pairs: int = 4
+    pairs: int = _setting(4, minimum=1)
     """last: short lengths drawn per document and L (distinct)."""
-    min_ratio: float = 0.5
+    min_ratio: float = _setting(0.5)
     """Short context is at least ceil(min_ratio · L) tokens."""
-    seed: int = 1234
+    seed: int = _setting(1234, minimum=0)
     """Seeds numpy.random.default_rng([seed, doc_index, L])."""
-    add_bos: str = "auto"
+    add_bos: bool | None = _setting(None)
     """As for perplexity."""
-    batch_tokens: int | None = None
+    batch_tokens: int | None = _setting(None, minimum=1)
     """As for perplexity."""
-    topk: int = 256
+    topk: int = _setting(256, minimum=1)
     """vllm dense mode only: the top-K approximation's K (results are labelled approximate)."""
 
     kind = "misalign"
 
+    def __post_init__(self) -> None:
+        _normalize(self)
+
     @property
-    def max_length(self) -> int:
+    def longest(self) -> int:
+        """C = max(lengths)."""
         return max(self.lengths)
 
     def min_short(self, length: int) -> int:
@@ -110,6 +125,8 @@ def _as_int(key: str, value: Any, minimum: int) -> int:
 
 
 def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"metadata {key}={value!r} must be a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -119,7 +136,7 @@ def _as_float(key: str, value: Any) -> float:
     return number
 
 
-def _as_lengths(value: Any) -> tuple[int, ...]:
+def _as_lengths(key: str, value: Any, minimum: int) -> tuple[int, ...]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -128,51 +145,53 @@ def _as_lengths(value: Any) -> tuple[int, ...]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"metadata lengths={value!r} must be a non-empty list of integers, e.g. [1024, 4096]")
-    lengths = sorted({_as_int("lengths", v, 2) for v in value})
-    return tuple(lengths)
+        raise ValueError(f"metadata {key}={value!r} must be a non-empty list of integers, e.g. [1024, 4096]")
+    return tuple(sorted({_as_int(key, v, minimum) for v in value}))
 
 
-def _as_bos(value: Any) -> str:
-    text = str(value).strip().lower()
-    if text in ("auto",):
-        return "auto"
-    if text in ("true", "1", "yes"):
-        return "true"
-    if text in ("false", "0", "no", "none"):
-        return "false"
-    raise ValueError(f"metadata add_bos={value!r} must be 'auto', true or false")
+# The words a yes/no/auto setting accepts (None = auto).
+_TRISTATE = {"auto": None, "none": None, "true": True, "1": True, "yes": True,
+             "false": False, "0": False, "no": False}
 
 
-def _as_optional_bool(key: str, value: Any) -> bool | None:
-    if value is None or str(value).lower() in ("auto", "none"):
-        return None
-    if isinstance(value, bool):
+def _as_tristate(key: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
         return value
-    text = str(value).lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"metadata {key}={value!r} must be true, false or 'auto'")
+    word = str(value).strip().lower()
+    if word not in _TRISTATE:
+        raise ValueError(f"metadata {key}={value!r} must be true, false or 'auto'")
+    return _TRISTATE[word]
 
 
-def _convert(key: str, value: Any) -> Any:
-    if key == "lengths":
-        return _as_lengths(value)
-    if key == "add_bos":
-        return _as_bos(value)
-    if key == "single_pass":
-        return _as_optional_bool(key, value)
-    if key in ("target_tokens", "pairs", "topk"):
-        return _as_int(key, value, 1)
-    if key in ("stride", "max_doc_tokens", "batch_tokens"):
-        return None if value is None else _as_int(key, value, 1)
-    if key == "seed":
-        return _as_int(key, value, 0)
-    if key in ("alpha", "beta", "min_ratio"):
-        return _as_float(key, value)
+def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if str(value) not in choices:
+        raise ValueError(f"metadata {key}={value!r} must be one of {choices}")
     return str(value)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_field(cls: type, field: dataclasses.Field, value: Any) -> Any:
+    """One metadata value, parsed by its field's declared type and constraints."""
+    kind = _field_types(cls)[field.name]
+    minimum, choices = field.metadata.get("minimum"), field.metadata.get("choices")
+    optional = kind in (int | None, bool | None)
+    if value is None and optional:
+        return None
+    if kind == tuple[int, ...]:
+        return _as_lengths(field.name, value, minimum)
+    if kind in (int, int | None):
+        return _as_int(field.name, value, minimum if minimum is not None else 0)
+    if kind == float:
+        return _as_float(field.name, value)
+    if kind == bool | None:
+        return _as_tristate(field.name, value)
+    if kind == str and choices:
+        return _as_choice(field.name, value, choices)
+    raise TypeError(f"{cls.__name__}.{field.name}: no parser for type {kind}")
 
 
 def parse_settings(
@@ -191,16 +210,17 @@ def parse_settings(
     (both task families' and those groups), so a typo never silently falls back to a default.
     """
     cls = _CLASSES[kind]
-    own = setting_keys(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = tuple(fields)
     known = {"perplexity tasks": setting_keys(PerplexitySettings),
              "misalignment tasks": setting_keys(MisalignSettings), **(other_keys or {})}
     recognised = {key for keys in known.values() for key in keys}
     values: dict[str, Any] = {}
     unknown = []
     for key, value in metadata.items():
-        if key in own:
-            if value is not None or key in ("stride", "max_doc_tokens", "single_pass", "batch_tokens"):
-                values[key] = _convert(key, value)
+        if key in fields:
+            if value is not None or _field_types(cls)[key] in (int | None, bool | None):
+                values[key] = value  # None for a required setting means "the default"
         elif key in HARNESS_KEYS or key in foreign_keys or key in recognised:
             # A group run passes one --metadata to perplexity and misalignment tasks alike.
             continue
@@ -212,15 +232,20 @@ def parse_settings(
             f"unknown metadata key(s) {sorted(unknown)} for longshort {kind} tasks; known keys are "
             f"{listing} (fix the spelling or drop the key)"
         )
-    settings = cls(**values)
+    return cls(**values)
+
+
+def _normalize(settings: PerplexitySettings | MisalignSettings) -> None:
+    """Parse every field by its type (every way in: metadata, JSON, the constructor), then check."""
+    cls = type(settings)
+    for field in dataclasses.fields(cls):
+        object.__setattr__(settings, field.name, _parse_field(cls, field, getattr(settings, field.name)))
     _check(settings)
-    return settings
 
 
 def _check(settings: PerplexitySettings | MisalignSettings) -> None:
+    """Constraints between settings."""
     if isinstance(settings, PerplexitySettings):
-        if settings.protocol not in PPL_PROTOCOLS:
-            raise ValueError(f"metadata protocol={settings.protocol!r} must be one of {PPL_PROTOCOLS}")
         if settings.protocol == "sliding":
             for length in settings.lengths:
                 if settings.stride_for(length) > length:
@@ -228,14 +253,12 @@ def _check(settings: PerplexitySettings | MisalignSettings) -> None:
                         f"metadata stride={settings.stride} exceeds window length {length}: "
                         "tokens between windows would never be scored; use stride <= min(lengths)"
                     )
-            if settings.doc_tokens_cap() < settings.max_length:
+            if settings.doc_tokens_cap() < settings.longest:
                 raise ValueError(
                     f"metadata max_doc_tokens={settings.max_doc_tokens} is below max(lengths)="
-                    f"{settings.max_length}; raise it or drop the longest length"
+                    f"{settings.longest}; raise it or drop the longest length"
                 )
         return
-    if settings.mode not in MISALIGN_MODES:
-        raise ValueError(f"metadata mode={settings.mode!r} must be one of {MISALIGN_MODES}")
     if not 0.0 < settings.min_ratio < 1.0:
         raise ValueError(f"metadata min_ratio={settings.min_ratio!r} must lie strictly between 0 and 1")
     for length in settings.lengths:
@@ -276,10 +299,9 @@ def settings_to_json(settings: PerplexitySettings | MisalignSettings) -> str:
 
 
 def settings_from_json(text: str) -> PerplexitySettings | MisalignSettings:
+    """The settings ``settings_to_json`` wrote, parsed and checked again."""
     payload = json.loads(text)
-    cls = _CLASSES[payload.pop("kind")]
-    payload["lengths"] = tuple(payload["lengths"])
-    return cls(**payload)
+    return _CLASSES[payload.pop("kind")](**payload)
 
 
 __all__ = [
