@@ -42,6 +42,14 @@ def test_two_cpu_processes_give_the_same_aggregates(tmp_path):
                     continue
                 assert two["results"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
                 compared.add(key.split(",")[0])
+            if key.endswith("_stderr,none") and isinstance(value, float):  # gathered over ranks too
+                assert two["results"][task][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+        # Rank 0 records every rank's documents in the results JSON.
+        info_one, info_two = one["configs"][task]["longshort"], two["configs"][task]["longshort"]
+        assert info_two["measured"] == info_one["measured"]
+        assert [(d["doc_index"], d["sha1"]) for d in info_two["documents"]] == \
+            [(d["doc_index"], d["sha1"]) for d in info_one["documents"]]
+        assert len(info_one["documents"]) == 3
     lengths = META["lengths"]
     expected = {f"{m}@{n}" for m in ("ppl", "bpb", "sce", "symkl", "js", "top1", "tv") for n in lengths}
     assert expected <= compared, expected - compared
