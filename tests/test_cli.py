@@ -127,7 +127,7 @@ def test_ppl_results_keys(any_run):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert res["ppl@max,none"] == res["ppl@256,none"]
     assert res["skipped_docs,none"] == 0
-    # a pooled ppl over all lengths would mix lengths: METRICS.md forbids it
+    # a pooled ppl over all lengths would mix lengths: docs/metrics.md forbids it
     assert "ppl,none" not in res and "bpb,none" not in res
     assert any_run["results"]["n-samples"][PPL]["effective"] == 2
 
@@ -184,7 +184,7 @@ def test_ppl_logged_nll_matches_plain_transformers(any_run, plain_ladder, plays)
 
 
 def test_ppl_key_tokens_match_plain_transformers(any_run, plain_ladder):
-    """keyppl / key_frac (METRICS.md, alpha=2, beta=-2) recomputed from the plain per-token NLLs."""
+    """keyppl / key_frac (docs/metrics.md, alpha=2, beta=-2) recomputed from the plain per-token NLLs."""
     res = any_run["results"]["results"][PPL]
     n_key, key_nll, n_targets = 0, 0.0, 0
     for doc_index in (0, 1):

@@ -16,7 +16,7 @@ SEED = 1234
 
 
 def spec_rng(doc_index: int, length: int) -> np.random.Generator:
-    """METRICS.md: numpy.random.default_rng([seed, doc_index, L])."""
+    """docs/metrics.md: numpy.random.default_rng([seed, doc_index, L])."""
     return np.random.default_rng([SEED, doc_index, length])
 
 
@@ -32,7 +32,7 @@ def test_last_mode_matches_plain_forward(hflm, smol, plays):
     for doc_index, play in enumerate(plays[:2]):
         ids = tok(play["text"], add_special_tokens=False)["input_ids"]
         for n in lengths:
-            # The draw rule of METRICS.md, re-stated here: distinct l in [ceil(ratio*L), L-1].
+            # The draw rule of docs/metrics.md, re-stated here: distinct l in [ceil(ratio*L), L-1].
             shorts = spec_rng(doc_index, n).choice(np.arange(math.ceil(ratio * n), n), size=pairs, replace=False)
             p_long = plain_token_logprobs(model, ids[end - n : end])[-1].numpy()
             for short in shorts:

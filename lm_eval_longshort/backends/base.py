@@ -2,7 +2,7 @@
 
 Requests hold document token ids WITHOUT the BOS token; ``bos`` says which id (if
 any) the backend must prepend. A prepended BOS is never a scored target and never
-counts as context (METRICS.md).
+counts as context (docs/metrics.md).
 """
 
 from __future__ import annotations

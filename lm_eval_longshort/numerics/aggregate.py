@@ -2,7 +2,7 @@
 
 Each document contributes a pair ``(numerator, denominator)`` (for example the
 sum of target NLLs and the number of targets); a corpus metric pools the pairs
-before dividing, so long documents weigh by their token count (METRICS.md).
+before dividing, so long documents weigh by their token count (docs/metrics.md).
 A document skipped by its protocol contributes ``None`` and is left out.
 """
 

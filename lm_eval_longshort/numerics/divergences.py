@@ -4,7 +4,7 @@ Pure tensor code: no lm-eval, no model. Every function takes two tensors of
 log-probabilities over the FULL vocabulary, ``logp`` (long context) and ``logq``
 (short context), of shape ``[..., V]``, and reduces over the last axis. Inputs are
 promoted to at least float32 so that sums over ~50k-entry vocabularies stay exact
-enough (METRICS.md: divergences in float32 or wider).
+enough (docs/metrics.md: divergences in float32 or wider).
 
 Terms with zero probability contribute zero (the limit of x·log x as x -> 0), so
 log-probabilities of -inf (masked vocabulary entries) are handled.

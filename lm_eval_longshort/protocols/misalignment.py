@@ -1,7 +1,7 @@
 """Long-Short Misalignment pairings: documents (token ids) -> long/short inputs to compare.
 
 All randomness comes from ``numpy.random.default_rng([seed, doc_index, L])`` so a run
-is reproducible and every logged pair can be recomputed (METRICS.md):
+is reproducible and every logged pair can be recomputed (docs/metrics.md):
 - ``last``: ``rng.choice(np.arange(ceil(min_ratio·L), L), size=pairs, replace=False)``
   short lengths, in draw order;
 - ``dense``: one gap ``e = rng.integers(1, max_gap(L) + 1)``, ``max_gap(L) = min(L // 2, L - ceil(min_ratio·L))``

@@ -3,7 +3,7 @@
 Each protocol is a pair of pure functions over one document:
 ``windows(ids, s, bos, label)`` lists what to score, and ``summarize(ids, nlls, s, bos, decode)``
 reduces the backend's per-token NLLs to one record per context length L:
-``{"L", "nll_sum", "n_targets", "n_bytes"}`` (METRICS.md, "Long-context perplexity").
+``{"L", "nll_sum", "n_targets", "n_bytes"}`` (docs/metrics.md, "Long-context perplexity").
 """
 
 from __future__ import annotations

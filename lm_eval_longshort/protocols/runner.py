@@ -34,7 +34,7 @@ class TooFewDocumentsError(ValueError):
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
-    """Plain-text token ids, no special tokens (METRICS.md: tokenized once)."""
+    """Plain-text token ids, no special tokens (docs/metrics.md: tokenized once)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 

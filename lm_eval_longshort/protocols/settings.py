@@ -27,7 +27,7 @@ def _setting(default, *, minimum: int | None = None, choices: tuple[str, ...] | 
 
 @dataclass(frozen=True)
 class PerplexitySettings:
-    """How a ``longshort_ppl_*`` task scores documents (METRICS.md, "Long-context perplexity")."""
+    """How a ``longshort_ppl_*`` task scores documents (docs/metrics.md, "Long-context perplexity")."""
 
     lengths: tuple[int, ...] = _setting((1024, 2048, 4096, 8192), minimum=2)
     """Context lengths L to evaluate, in document tokens (BOS never counts)."""
@@ -69,7 +69,7 @@ class PerplexitySettings:
 
 @dataclass(frozen=True)
 class MisalignSettings:
-    """How a ``longshort_misalign_*`` task pairs long and short inputs (METRICS.md, "Long-Short Misalignment")."""
+    """How a ``longshort_misalign_*`` task pairs long and short inputs (docs/metrics.md, "Long-Short Misalignment")."""
 
     lengths: tuple[int, ...] = _setting((1024, 2048, 4096, 8192), minimum=2)
     """Long context lengths L."""
