@@ -278,7 +278,7 @@ def _check(settings: PerplexitySettings | MisalignSettings) -> None:
 
 # Settings read by one protocol or mode only; the others ignore them.
 _ONLY_FOR = {"target_tokens": "ladder", "alpha": "ladder", "beta": "ladder", "stride": "sliding",
-             "max_doc_tokens": "sliding", "single_pass": "truncate", "pairs": "last"}
+             "max_doc_tokens": "sliding", "single_pass": "truncate", "pairs": "last", "topk": "dense"}
 
 
 def measured_settings(settings: PerplexitySettings | MisalignSettings) -> dict:
