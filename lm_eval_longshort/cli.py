@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval_longshort import reporting
+from lm_eval_longshort import finetune, reporting
 
 PROG = "lm-eval-longshort"
 
@@ -187,6 +187,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand("fetch the embedded model + corpus (and convert the model to safetensors)",
                           _prepare_arguments, _prepare_run),
     "model-args": Subcommand("print the embedded model's --model_args", _model_args_arguments, _model_args_run),
+    "finetune": Subcommand("CPU demo: fine-tune the embedded model with alpha 0 / 0.1 misalignment regularizer, "
+                           "then evaluate on held-out plays", finetune.add_arguments, finetune.run),
 }
 
 
