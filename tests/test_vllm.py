@@ -1,4 +1,4 @@
-"""The vllm backend on the REAL vLLM CPU engine, against the hf backend on the same documents.
+"""The vllm backend's prompt log-probability route on the REAL vLLM CPU engine, against hf.
 
 One engine for the module, built through lm-eval's own ``VLLM`` class (what ``--model vllm``
 builds), float32 (the CPU build accepts it), ``max_model_len=2048``, ``max_logprobs=-1``.
@@ -8,15 +8,14 @@ The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it 
 
 Tolerances: perplexity within 1% of hf float32 (measured: ~1e-6 relative), ``last`` symkl
 within 5% + 1e-3, dense top-K values are lower bounds of the exact hf values and the exact
-tv/js lie within approximation + error bound.
+tv/js lie within approximation + error bound. The hidden-state route (a pooling engine):
+test_vllm_hidden.py, a separate module so that this module's engine is shut down first
+(an in-process vLLM engine reserves its KV cache from the process's memory).
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from harness_run import evaluate, metric
+from vllm_helpers import in_process_vllm, lm_eval_cli_vllm, logged_response
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
@@ -33,7 +33,6 @@ PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
 MAX_MODEL_LEN = 2048
 REL_PPL = 0.01
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def engine_args(model_dir) -> dict:
@@ -43,17 +42,8 @@ def engine_args(model_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def vllm_lm(assets):
-    """lm-eval's VLLM around a real in-process vLLM engine (torch threading restored after)."""
-    from lm_eval.models.vllm_causallms import VLLM
-
-    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        lm = VLLM(**engine_args(assets.model_dir))
+    with in_process_vllm(**engine_args(assets.model_dir)) as lm:
         yield lm
-        lm.model.llm_engine.engine_core.shutdown()
-    torch.set_num_threads = set_threads
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +144,7 @@ def test_perplexity_matches_hf(vllm_lm, hflm, meta):
     print(f"\n{meta['protocol']}: max relative ppl/bpb difference vllm vs hf {max(rel.values()):.2e}")
     assert max(rel.values()) < REL_PPL, rel
     for a, b in zip(sorted(got_samples, key=lambda s: s["doc_id"]), sorted(want_samples, key=lambda s: s["doc_id"])):
-        for ra, rb in zip(a["resps"][0][0]["records"], b["resps"][0][0]["records"], strict=True):
+        for ra, rb in zip(logged_response(a)["records"], logged_response(b)["records"], strict=True):
             assert (ra["L"], ra["n_targets"], ra["n_bytes"]) == (rb["L"], rb["n_targets"], rb["n_bytes"])
             assert ra["nll_sum"] == pytest.approx(rb["nll_sum"], rel=REL_PPL)
 
@@ -163,7 +153,7 @@ def test_misalignment_last_matches_hf(vllm_lm, hflm):
     meta = {"mode": "last", "lengths": [64, 256], "pairs": 3}
     got, got_samples = evaluate(vllm_lm, MIS, meta)
     want, want_samples = evaluate(hflm, MIS, meta)
-    pairs = lambda samples: [p for s in sorted(samples, key=lambda s: s["doc_id"]) for p in s["resps"][0][0]["pairs"]]  # noqa: E731
+    pairs = lambda samples: [p for s in sorted(samples, key=lambda s: s["doc_id"]) for p in logged_response(s)["pairs"]]  # noqa: E731
     got_pairs, want_pairs = pairs(got_samples), pairs(want_samples)
     assert len(got_pairs) == len(want_pairs) == 2 * 2 * 3
     worst = 0.0
@@ -182,10 +172,10 @@ def test_misalignment_dense_is_a_labelled_lower_bound(vllm_lm, hflm):
     got, got_samples = evaluate(vllm_lm, MIS, meta)
     want, want_samples = evaluate(hflm, MIS, meta)
     assert metric(got, "approximate") == 1.0 and metric(want, "approximate") == 0.0
-    groups = lambda samples: {(g["doc_index"], g["L"]): g for s in samples for g in s["resps"][0][0]["groups"]}  # noqa: E731
+    groups = lambda samples: {(g["doc_index"], g["L"]): g for s in samples for g in logged_response(s)["groups"]}  # noqa: E731
     got_groups, want_groups = groups(got_samples), groups(want_samples)
     assert got_groups.keys() == want_groups.keys() and len(got_groups) == 4
-    assert all(s["resps"][0][0]["approximate"] is True for s in got_samples)
+    assert all(logged_response(s)["approximate"] is True for s in got_samples)
     for key, a in got_groups.items():
         b, tol = want_groups[key], 1e-3 * a["n_positions"]
         assert a["n_positions"] == b["n_positions"]
@@ -275,18 +265,21 @@ def test_lm_eval_cli_model_vllm(assets, hflm, tmp_path):
     installed task families in one command, one document; equals hf within the tolerances."""
     meta = {"lengths": [64, 128], "target_tokens": 32, "pairs": 2}
     args = dict(engine_args(assets.model_dir), max_model_len=512)
-    model_args = ",".join(f"{k}={v}" for k, v in args.items())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    proc = subprocess.run([str(BIN / "lm_eval"), "--model", "vllm", "--model_args", model_args, "--tasks",
-                           f"{PPL},{MIS}", "--limit", "1", "--metadata", json.dumps(meta), "--output_path",
-                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (path,) = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
-    got = json.loads(Path(path).read_text())["results"]
+    got = lm_eval_cli_vllm(",".join(f"{k}={v}" for k, v in args.items()), f"{PPL},{MIS}", meta, tmp_path)
     want_ppl, _ = evaluate(hflm, PPL, meta, limit=1)
     want_mis, _ = evaluate(hflm, MIS, meta, limit=1)
     for n in meta["lengths"]:
         assert got[PPL][f"ppl@{n},none"] == pytest.approx(metric(want_ppl, f"ppl@{n}"), rel=REL_PPL)
         assert got[MIS][f"symkl@{n},none"] == pytest.approx(metric(want_mis, f"symkl@{n}"), rel=0.05, abs=1e-3)
     assert got[MIS]["approximate,none"] == 0.0
+
+
+def test_generate_route_points_to_the_hidden_route_once(vllm_lm, caplog):
+    import lm_eval_longshort.backends.vllm as backend
+
+    backend._route_hint_logged = False
+    with caplog.at_level("WARNING", logger=backend.__name__):
+        for _ in range(2):
+            assert backend.VLLMEngine.from_lm_eval(vllm_lm).name == "vllm"
+    hints = [r.getMessage() for r in caplog.records if "hidden-state route" in r.getMessage()]
+    assert len(hints) == 1 and '"pooler_config": {"task": "token_embed"}' in hints[0], hints

@@ -1,9 +1,19 @@
 """Scoring with a vLLM engine (what ``--model vllm`` loads). The only module that imports vllm.
 
-Every request of a call becomes a ``TokensPrompt``; prompts go to ``LLM.generate`` in large
-chunks (one call per chunk, bounded by a token budget) so vLLM batches and schedules them.
+Two routes, picked from how lm-eval's ``VLLM`` started the engine (``VLLMEngine.from_lm_eval``):
 
-What vLLM 0.32 (V1 engine; checked on the CPU build) returns, and what this relies on:
+- hidden states (``VLLMHiddenStateEngine``, engine args ``runner=pooling, convert=embed,
+  pooler_config={"task": "token_embed"}``): ``LLM.encode`` returns the final hidden state of
+  every prompt position ([T, d], float32 on the CPU build); the plugin applies the checkpoint's
+  LM head itself, in float32 and in chunks (``backends/logits.py``). Exact for every metric.
+  vLLM 0.32's converted model drops its LM head; a pooling prompt may fill ``max_model_len``.
+- prompt log-probabilities (``VLLMEngine``, a generate-mode engine), described below.
+
+Every request of a call becomes a ``TokensPrompt``; prompts go to ``LLM.generate`` /
+``LLM.encode`` in large chunks (one call per chunk, bounded by a token budget) so vLLM
+batches and schedules them.
+
+What vLLM 0.32 (V1 engine; checked on the CPU build) returns on the generate route:
 - ``logprobs_mode`` defaults to ``raw_logprobs``: sample and prompt log-probabilities are
   ``log_softmax(logits, dtype=float32)`` of the model's own logits, taken BEFORE logits
   processors, penalties, temperature and top-k/top-p (``v1/sample/sampler.py``); prompt
@@ -24,6 +34,8 @@ What vLLM 0.32 (V1 engine; checked on the CPU build) returns, and what this reli
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -39,62 +51,33 @@ from lm_eval_longshort.backends.base import (
     TargetWindow,
 )
 from lm_eval_longshort.backends.hf import LENGTH_DEPENDENT_ROPE, rope_type
+from lm_eval_longshort.backends.logits import OutputHead, load_output_head
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.numerics.topk import coarse_topk_divergences
+
+log = logging.getLogger(__name__)
 
 LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 NORMALISATION_TOL = 1e-3
 MAX_LOGPROBS_FIX = "add max_logprobs=-1 to --model_args (e.g. --model_args pretrained=...,max_logprobs=-1)"
+POOLING_ARGS = '"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}'
+POOLING_EXAMPLE = f"--model_args '{{\"pretrained\": \"DIR\", {POOLING_ARGS}}}'"
+_route_hint_logged = False
 
 
-class VLLMEngine(ScoringEngine):
-    """Scores requests with ``llm`` (a ``vllm.LLM``), greedy one-token generations with log-probabilities."""
+class _VLLMBase(ScoringEngine):
+    """What both routes share: the ``vllm.LLM``, its model config, lengths and RoPE facts."""
 
-    name = "vllm"
-
-    def __init__(self, llm, tokenizer, *, batch_tokens: int = 262144, full_vocab_rows: int = 32,
-                 topk_entries: int = 4_000_000, progress: bool = True):
-        """``batch_tokens``: prompt tokens per ``generate`` call; ``full_vocab_rows``: prompts per
-        call when each returns the whole vocabulary (~6 MB of Python objects each);
-        ``topk_entries``: returned top-K entries per call in dense mode (~100 B each)."""
+    def __init__(self, llm, tokenizer, *, batch_tokens: int, progress: bool = True):
         self.llm = llm
         self._tokenizer = tokenizer
         self.batch_tokens = batch_tokens
-        self.full_vocab_rows = full_vocab_rows
-        self.topk_entries = topk_entries
         self.progress = progress
         self.model_config = llm.llm_engine.model_config
-        self.vocab_size = int(self.model_config.get_vocab_size())
-        mode = str(getattr(self.model_config, "logprobs_mode", "raw_logprobs"))
-        if mode not in LOGPROB_MODES:
-            raise ValueError(
-                f"the vLLM engine was started with logprobs_mode={mode!r}, which returns logits, not "
-                f"log-probabilities; drop logprobs_mode from --model_args (default raw_logprobs)"
-            )
 
-    @classmethod
-    def from_lm_eval(cls, lm, **kwargs) -> VLLMEngine:
-        """Wrap lm-eval's VLLM (``--model vllm``): its ``vllm.LLM`` and HF tokenizer."""
-        dp = int(getattr(lm, "data_parallel_size", 1) or 1)
-        llm = getattr(lm, "model", None)
-        if dp > 1 or llm is None:
-            raise ValueError(
-                f"longshort tasks need data_parallel_size=1 with --model vllm (got data_parallel_size={dp}): "
-                "with data parallelism lm-eval runs vLLM inside Ray workers and keeps no engine in this "
-                "process to ask for log-probabilities. Use tensor_parallel_size=N to spread one model "
-                "over N GPUs, or run one lm_eval process per GPU (CUDA_VISIBLE_DEVICES), each on a shard "
-                "of the documents (--limit / --samples)"
-            )
-        return cls(llm, lm.tokenizer, **kwargs)
-
-    # -- ScoringEngine properties -------------------------------------------------
     @property
     def max_model_len(self) -> int:
         return int(self.model_config.max_model_len)
-
-    @property
-    def max_length(self) -> int:
-        # vLLM rejects a prompt of exactly max_model_len tokens: one slot is for the generated token.
-        return self.max_model_len - 1
 
     @property
     def tokenizer(self):
@@ -116,15 +99,74 @@ class VLLMEngine(ScoringEngine):
         value = getattr(self.model_config.hf_text_config, "max_position_embeddings", None)
         return int(value) if value else None
 
-    @property
-    def length_hint(self) -> str:
+    def _beyond_native(self) -> str:
         native = self.native_context
         beyond = f" ({native} tokens)" if native else ""
         return (
+            f"beyond the model's configured context{beyond} vLLM also needs the environment variable "
+            "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (or a RoPE scaling override via hf_overrides in --model_args)"
+        )
+
+    @staticmethod
+    def _with_bos(tokens: np.ndarray, bos: int | None) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        return tokens if bos is None else np.concatenate([[bos], tokens]).astype(np.int64)
+
+
+class VLLMEngine(_VLLMBase):
+    """Scores requests with ``llm`` (a ``vllm.LLM``), greedy one-token generations with log-probabilities."""
+
+    name = "vllm"
+
+    def __init__(self, llm, tokenizer, *, batch_tokens: int = 262144, full_vocab_rows: int = 32,
+                 topk_entries: int = 4_000_000, progress: bool = True):
+        """``batch_tokens``: prompt tokens per ``generate`` call; ``full_vocab_rows``: prompts per
+        call when each returns the whole vocabulary (~6 MB of Python objects each);
+        ``topk_entries``: returned top-K entries per call in dense mode (~100 B each)."""
+        super().__init__(llm, tokenizer, batch_tokens=batch_tokens, progress=progress)
+        self.full_vocab_rows = full_vocab_rows
+        self.topk_entries = topk_entries
+        self.vocab_size = int(self.model_config.get_vocab_size())
+        mode = str(getattr(self.model_config, "logprobs_mode", "raw_logprobs"))
+        if mode not in LOGPROB_MODES:
+            raise ValueError(
+                f"the vLLM engine was started with logprobs_mode={mode!r}, which returns logits, not "
+                f"log-probabilities; drop logprobs_mode from --model_args (default raw_logprobs)"
+            )
+
+    @classmethod
+    def from_lm_eval(cls, lm, **kwargs) -> VLLMEngine | VLLMHiddenStateEngine:
+        """Wrap lm-eval's VLLM (``--model vllm``): its ``vllm.LLM`` and HF tokenizer.
+
+        A pooling engine (``runner=pooling``) gets the hidden-state route, any other the
+        prompt log-probability route.
+        """
+        dp = int(getattr(lm, "data_parallel_size", 1) or 1)
+        llm = getattr(lm, "model", None)
+        if dp > 1 or llm is None:
+            raise ValueError(
+                f"longshort tasks need data_parallel_size=1 with --model vllm (got data_parallel_size={dp}): "
+                "with data parallelism lm-eval runs vLLM inside Ray workers and keeps no engine in this "
+                "process to ask for log-probabilities or hidden states. Use tensor_parallel_size=N to "
+                "spread one model over N GPUs, or run one lm_eval process per GPU (CUDA_VISIBLE_DEVICES), "
+                "each on a shard of the documents (--limit / --samples)"
+            )
+        if str(getattr(llm.llm_engine.model_config, "runner_type", "generate")) == "pooling":
+            return VLLMHiddenStateEngine(llm, lm.tokenizer, **kwargs)
+        _log_route_hint()
+        return cls(llm, lm.tokenizer, **kwargs)
+
+    # -- ScoringEngine properties -------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        # vLLM rejects a prompt of exactly max_model_len tokens: one slot is for the generated token.
+        return self.max_model_len - 1
+
+    @property
+    def length_hint(self) -> str:
+        return (
             "pass max_model_len=N in --model_args (e.g. --model_args pretrained=...,max_model_len=16384,"
-            f"max_logprobs=-1); beyond the model's configured context{beyond} vLLM also needs the "
-            "environment variable VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (or a RoPE scaling override via "
-            "hf_overrides in --model_args)"
+            f"max_logprobs=-1); {self._beyond_native()}"
         )
 
     def check_lengths(self, n_inputs: int, what: str) -> None:
@@ -157,11 +199,6 @@ class VLLMEngine(ScoringEngine):
         if len(outputs) != len(prompts) or any(len(o.prompt_token_ids) != len(p) for o, p in zip(outputs, prompts)):
             raise RuntimeError("vLLM returned outputs that do not match the submitted prompts one to one")
         return outputs
-
-    @staticmethod
-    def _with_bos(tokens: np.ndarray, bos: int | None) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        return tokens if bos is None else np.concatenate([[bos], tokens]).astype(np.int64)
 
     @staticmethod
     def _check_finite(values: np.ndarray, label: str, positions: np.ndarray, unit: str) -> None:
@@ -274,6 +311,173 @@ class VLLMEngine(ScoringEngine):
                 self._check_finite(lp_q, pair.label, pair.short_positions, "short-window position")
                 out.append(coarse_topk_divergences(ids_p, lp_p, ids_q, lp_q))
         return out
+
+
+class VLLMHiddenStateEngine(_VLLMBase):
+    """Exact scoring from a pooling engine's final hidden states, with the LM head applied here.
+
+    ``llm`` was started with ``runner=pooling, convert=embed, pooler_config={"task":
+    "token_embed"}``; every request is one ``TokensPrompt`` to ``LLM.encode``, which returns the
+    hidden state of every position. Only the rows a request scores go through the head
+    (``backends/logits.py``: float32, ``chunk_positions`` rows at a time).
+    """
+
+    name = "vllm-hidden"
+
+    def __init__(self, llm, tokenizer, *, batch_tokens: int = 65536, chunk_positions: int = 1024,
+                 progress: bool = True, head: OutputHead | None = None):
+        """``batch_tokens``: prompt tokens per ``encode`` call (its hidden states, ``4·d`` bytes a
+        token, are held until the call's requests are scored); ``head``: the output layer
+        (default: read from the checkpoint, on the GPU when there is one)."""
+        super().__init__(llm, tokenizer, batch_tokens=batch_tokens, progress=progress)
+        check_pooling_engine(llm)
+        if head is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            head = load_output_head(_checkpoint_folder(self.model_config), self.model_config.hf_config,
+                                    device=device, chunk_positions=chunk_positions)
+        self.head = head
+        self.vocab_size = head.vocab_size
+        from vllm.pooling_params import PoolingParams
+
+        # use_activation=False: the raw hidden states (token_embed would otherwise L2-normalise them).
+        self._pooling_params = PoolingParams(use_activation=False)
+
+    # -- ScoringEngine properties -------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return self.max_model_len  # a pooling prompt generates nothing: it may fill max_model_len
+
+    @property
+    def length_hint(self) -> str:
+        return (
+            "pass \"max_model_len\": N in the JSON --model_args (e.g. --model_args '{\"pretrained\": \"DIR\", "
+            f"\"max_model_len\": 16384, {POOLING_ARGS}}}'); {self._beyond_native()}"
+        )
+
+    # -- plumbing --------------------------------------------------------------------
+    def _encode(self, sequences: list[np.ndarray]) -> list[torch.Tensor]:
+        """One ``LLM.encode`` over ``sequences``: per sequence its [T, d] final hidden states."""
+        requests = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
+        outputs = self.llm.encode(requests, pooling_task="token_embed", pooling_params=self._pooling_params,
+                                  use_tqdm=self.progress)
+        hidden = [o.outputs.data for o in outputs]
+        d = self.head.hidden_size
+        if len(hidden) != len(sequences) or any(tuple(h.shape) != (len(s), d) for h, s in zip(hidden, sequences)):
+            got = tuple(hidden[0].shape) if hidden else ()
+            raise RuntimeError(
+                f"vLLM returned token embeddings of shape {got} for a {len(sequences[0])}-token prompt; expected "
+                f"[{len(sequences[0])}, {d}] final hidden states, one row per prompt token (a pooler with a "
+                "projection, such as a sentence-transformers Dense module, is not supported)"
+            )
+        return hidden
+
+    def _encoded(self, sequences: Sequence[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, [T, d] hidden states) of every sequence, ``batch_tokens`` per ``encode`` call."""
+        for chunk in _chunks([len(s) for s in sequences], self.batch_tokens):
+            hidden = self._encode([sequences[i] for i in chunk])
+            yield from zip(chunk, hidden, strict=True)
+
+    # -- requests ---------------------------------------------------------------------
+    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+        for w in windows:
+            self.check_lengths(w.n_inputs, w.label)
+        full = [self._with_bos(w.tokens, w.bos) for w in windows]
+        inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
+        out: list[np.ndarray | None] = [None] * len(windows)
+        for i, hidden in self._encoded(inputs):
+            w, seq = windows[i], full[i]
+            # Target tokens[j] sits at input j + offset and is predicted by the row before it.
+            targets = np.arange(w.score_from + (w.bos is not None), len(seq))
+            rows = torch.as_tensor(targets - 1)
+            out[i] = self.head.token_nll(hidden[rows], torch.as_tensor(seq[targets]), w.label, rows).numpy()
+        return out  # type: ignore[return-value]
+
+    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        for p in prompts:
+            self.check_lengths(p.n_inputs, p.label)
+        sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
+        last = torch.empty(len(prompts), self.head.hidden_size, dtype=torch.float32)  # [n, d]
+        for i, hidden in self._encoded(sequences):
+            last[i] = hidden[-1]
+        ends = torch.tensor([len(s) - 1 for s in sequences])
+        label = prompts[0].label if prompts else ""
+        parts = [logp.cpu() for _, logp in self.head.chunks(last, label, ends)]
+        return torch.cat(parts) if parts else torch.empty(0, self.vocab_size)
+
+    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
+        for p in pairs:
+            self.check_lengths(p.n_inputs, p.label)
+        sequences = [s for p in pairs for s in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))]
+        out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
+        held: dict[int, torch.Tensor] = {}
+        for j, hidden in self._encoded(sequences):
+            held[j] = hidden
+            if j % 2 == 1:  # both windows of pair j // 2 are in
+                out[j // 2] = self._pair_divergences(pairs[j // 2], held.pop(j - 1), held.pop(j))
+        return out  # type: ignore[return-value]
+
+    def _pair_divergences(self, pair: AlignedPair, h_long: torch.Tensor, h_short: torch.Tensor) -> dict[str, np.ndarray]:
+        """{metric: float64 [k]} between the pair's compared rows, ``chunk_positions`` at a time."""
+        offset = 1 if pair.bos is not None else 0
+        long_pos = torch.as_tensor(np.asarray(pair.long_positions) + offset)
+        short_pos = torch.as_tensor(np.asarray(pair.short_positions) + offset)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in METRIC_NAMES}
+        for rows, logp in self.head.chunks(h_long[long_pos], pair.label, long_pos):
+            logq = self.head.log_softmax(h_short[short_pos[rows]], pair.label, short_pos[rows])
+            for name, value in all_divergences(logp, logq).items():
+                parts[name].append(value.double().cpu())
+        return {name: torch.cat(v).numpy() if v else np.zeros(0) for name, v in parts.items()}
+
+
+def check_pooling_engine(llm) -> None:
+    """Error unless a pooling engine returns every position's raw final hidden state (token_embed).
+
+    vLLM fixes an engine's pooling task at start-up from ``pooler_config`` (``LLM.pooling_task``)
+    and refuses ``encode(pooling_task="token_embed")`` on any other: we say so before scoring.
+    """
+    config = llm.llm_engine.model_config
+    pooler = getattr(config, "pooler_config", None)
+    task = getattr(llm, "pooling_task", getattr(pooler, "task", None))
+    convert = str(getattr(config, "convert_type", "embed"))
+    if task != "token_embed" or convert != "embed":
+        raise ValueError(
+            f"the vLLM engine is a pooling engine (runner=pooling) with pooling task {task!r} and "
+            f"convert={convert!r}; longshort tasks read the final hidden state of every position: add "
+            f"{POOLING_ARGS} to the JSON --model_args, e.g. {POOLING_EXAMPLE}, or drop runner=pooling to "
+            "score through prompt log-probabilities"
+        )
+    tok_pooling = getattr(pooler, "tok_pooling_type", None)
+    dimensions = getattr(pooler, "dimensions", None)
+    if tok_pooling not in (None, "ALL") or dimensions is not None:
+        raise ValueError(
+            f"the vLLM pooling engine was started with pooler_config tok_pooling_type={tok_pooling!r}, "
+            f"dimensions={dimensions!r}; the hidden-state route needs every position's full hidden state: "
+            'use "pooler_config": {"task": "token_embed"} without other keys'
+        )
+
+
+def _checkpoint_folder(model_config) -> str:
+    """The local folder of the engine's checkpoint (a Hub id resolves to vLLM's download)."""
+    model = str(model_config.model)
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, revision=getattr(model_config, "revision", None),
+                             allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"])
+
+
+def _log_route_hint() -> None:
+    """Say once per process that the hidden-state route is faster and exact."""
+    global _route_hint_logged
+    if not _route_hint_logged:
+        _route_hint_logged = True
+        log.warning(
+            "vllm backend: scoring through prompt log-probabilities (dense misalignment approximated from "
+            "top-K lists). The hidden-state route is exact for every metric and faster: start the engine "
+            "as a pooling model, %s", POOLING_EXAMPLE,
+        )
 
 
 # -- output parsing (module functions: no engine state) ---------------------------------
