@@ -1,14 +1,16 @@
-"""The hf engine: batching does not change numbers; truncate detects length-dependent positions."""
+"""The hf engine: batching (on by default, across documents) does not change numbers; the
+full-model fallback and the split head stay bounded and exact; truncate detects length-dependent positions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from reference import plain_nll
+from reference import plain_nll, plain_token_logprobs
 
 from lm_eval_longshort.backends.base import Prompt, TargetWindow
 from lm_eval_longshort.backends.hf import HFEngine
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES
 from lm_eval_longshort.protocols.runner import Document, evaluate_documents
 from lm_eval_longshort.protocols.settings import parse_settings
 
@@ -26,6 +28,7 @@ def test_batched_equals_unbatched(smol, ids):
     prompts = [Prompt(ids[-n:], None, f"p{n}") for n in (500, 257, 256, 31)]
     one = HFEngine(model, tok, 1024, max_batch_rows=1, progress=False)
     many = HFEngine(model, tok, 1024, max_batch_rows=8, progress=False)
+    many.min_fill = 0.0  # let 600, 333 and 120 tokens share a batch: padding must not change numbers
     assert len(list(many._batches([len(w.tokens) for w in windows]))) == 1  # really one batch
     for a, b in zip(one.target_nll(windows), many.target_nll(windows), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -92,3 +95,130 @@ def test_truncate_single_pass_is_detected_per_model(smol, plays):
     for a, b in zip(static_auto, static_per_length, strict=True):
         assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-5)
     assert one_pass[1]["nll_sum"] == pytest.approx(auto[1]["nll_sum"], rel=1e-5)
+
+
+class CallCounter:
+    """Counts a module's forward calls and the most rows (leading positions) one call saw."""
+
+    def __init__(self, module):
+        self.calls, self.most_rows = 0, 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        hidden = args[0] if args else None
+        if isinstance(hidden, torch.Tensor):
+            self.most_rows = max(self.most_rows, int(np.prod(hidden.shape[:-1])))
+
+    def remove(self):
+        self._handle.remove()
+
+
+def test_lm_eval_default_batch_size_batches_by_token_budget(smol, ids):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = smol
+    windows = [TargetWindow(ids[i : i + 90], score_from=1, bos=None, label=f"w{i}") for i in range(0, 60, 10)]
+    default = HFEngine.from_hflm(HFLM(pretrained=model, tokenizer=tok, max_length=1024), progress=False)
+    capped = HFEngine.from_hflm(HFLM(pretrained=model, tokenizer=tok, max_length=1024, batch_size=4),
+                                progress=False)
+    results = {}
+    for name, engine in (("default", default), ("capped", capped)):
+        decoder = CallCounter(model.get_decoder())
+        results[name] = engine.target_nll(windows)
+        decoder.remove()
+        results[name + "_calls"] = decoder.calls
+    assert results["default_calls"] == 1  # six equal-length windows, one forward
+    assert results["capped_calls"] == 2  # --batch_size 4 still caps rows: 4 + 2
+    for w, a, b in zip(windows, results["default"], results["capped"], strict=True):
+        reference = plain_nll(model, w.tokens.tolist(), 1).numpy()
+        np.testing.assert_allclose(a, reference, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b, reference, rtol=1e-4, atol=1e-5)
+
+
+def dense_pairs_of(tok, plays, lengths):
+    from lm_eval_longshort.protocols import misalignment as mis
+
+    settings = parse_settings("misalign", {"mode": "dense", "lengths": lengths})
+    pairs = []
+    for index, play in enumerate(plays[:2]):
+        doc_ids = np.asarray(tok(play["text"], add_special_tokens=False)["input_ids"][:400])
+        pairs += mis.dense_pairs(doc_ids, settings, index, tok.bos_token_id, f"doc{index}")[0]
+    return pairs
+
+
+def test_dense_pairs_batched_across_documents(smol, plays):
+    from test_divergences import numpy_divergences
+
+    model, tok = smol
+    pairs = dense_pairs_of(tok, plays, [40, 72])  # 2 documents x 2 lengths
+    batched = HFEngine(model, tok, 1024, progress=False)
+    alone = HFEngine(model, tok, 1024, batch_tokens=1, progress=False)  # one pair per forward
+    decoder = CallCounter(model.get_decoder())
+    together = batched.aligned_divergences(pairs)
+    assert decoder.calls == 2  # one forward per length (40 < 0.8 x 72), both documents in it
+    decoder.calls = 0
+    separate = alone.aligned_divergences(pairs)
+    decoder.remove()
+    assert decoder.calls == len(pairs)
+    for pair, a, b in zip(pairs, together, separate, strict=True):
+        assert len(a["symkl"]) == len(pair.long_positions) > 0
+        for name in METRIC_NAMES:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-6, err_msg=name)
+    # One pair against plain forwards and the textbook formulas (input i + 1: the BOS).
+    pair, values = pairs[1], together[1]
+    long_rows = plain_token_logprobs(model, [pair.bos, *pair.long_tokens.tolist()])
+    short_rows = plain_token_logprobs(model, [pair.bos, *pair.short_tokens.tolist()])
+    for k in (0, len(pair.long_positions) - 1):
+        want = numpy_divergences(long_rows[pair.long_positions[k] + 1].numpy(),
+                                 short_rows[pair.short_positions[k] + 1].numpy())
+        for name in METRIC_NAMES:
+            assert values[name][k] == pytest.approx(want[name], rel=1e-3, abs=1e-5), name
+
+
+def test_full_model_fallback_is_chunked_and_exact(smol, ids):
+    # A model whose logits cannot be split off runs whole-model steps over a KV cache, with
+    # logits only at the needed positions: forced here on the embedded model.
+    model, tok = smol
+    split = HFEngine(model, tok, 1024, chunk_positions=32, progress=False)
+    fallback = HFEngine(model, tok, 1024, chunk_positions=32, split_head=False, progress=False)
+    assert split._split and not fallback._split
+    windows = [TargetWindow(ids[:150], score_from=1, bos=None, label="a"),
+               TargetWindow(ids[200:300], score_from=60, bos=1, label="b")]
+    prompts = [Prompt(ids[:77], None, "p"), Prompt(ids[10:50], 1, "q")]
+    head = CallCounter(model.get_output_embeddings())
+    got = fallback.target_nll(windows)
+    last = fallback.last_logprobs(prompts)
+    assert head.most_rows <= 32  # never more than chunk_positions rows of logits at once
+    head.remove()
+    np.testing.assert_allclose(got[0], plain_nll(model, ids[:150].tolist(), 1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], plain_nll(model, [1, *ids[200:300].tolist()], 61).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(last[0].numpy(), plain_token_logprobs(model, ids[:77].tolist())[-1].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(last[1].numpy(), plain_token_logprobs(model, [1, *ids[10:50].tolist()])[-1].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    pairs = dense_pairs_of(tok, plays=[{"text": tok.decode(ids)}] * 2, lengths=[96])[:1]
+    for name, a in fallback.aligned_divergences(pairs)[0].items():
+        np.testing.assert_allclose(a, split.aligned_divergences(pairs)[0][name], rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_split_head_bounds_logit_rows_and_applies_softcapping(smol, plays):
+    # Gemma 2 soft-caps its logits after the head: the engine applies the cap itself and
+    # keeps the split (bounded) path; the numbers equal the model's own forward.
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _, tok = smol
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                          final_logit_softcapping=2.0, initializer_range=0.5)
+    model = Gemma2ForCausalLM(config).eval()
+    engine = HFEngine(model, tok, 512, chunk_positions=24, progress=False)
+    assert engine._split
+    window = np.asarray(tok(plays[0]["text"], add_special_tokens=False)["input_ids"][:130])
+    head = CallCounter(model.get_output_embeddings())
+    nll = engine.target_nll([TargetWindow(window, score_from=1, bos=None, label="g", feed_last=True)])[0]
+    assert head.most_rows <= 24
+    head.remove()
+    np.testing.assert_allclose(nll, plain_nll(model, window.tolist(), 1).numpy(), rtol=1e-4, atol=1e-5)

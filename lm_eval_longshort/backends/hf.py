@@ -1,14 +1,18 @@
 """Exact scoring with a Hugging Face transformers causal LM (what ``--model hf`` loads).
 
-Memory stays bounded on long windows: the decoder runs once per batch and returns
-hidden states ``[B, T, d]``; vocabulary logits are computed only at the positions a
-request needs, in chunks of ``chunk_positions`` rows, in float32.
+Memory stays bounded on long windows: no [T, V] tensor is ever built. The decoder runs
+once per batch and returns hidden states ``[B, T, d]``; the model's own output layer (and
+the logit soft-capping or scaling its config declares) is applied only at the positions a
+request needs, ``chunk_positions`` rows at a time, and the log-softmax is taken in float32.
+
+Batching: requests are packed into forward batches by the ``batch_tokens`` budget, longest
+first; lm-eval's ``--batch_size`` caps the rows of a batch only when it is set above 1
+(its default, 1, cannot be told apart from an explicit 1: see ``HFEngine.from_hflm``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -22,6 +26,10 @@ from lm_eval_longshort.backends.base import (
     ScoringEngine,
     TargetWindow,
 )
+from lm_eval_longshort.backends.logits import (
+    UnsupportedLogitsError,
+    logit_postprocessing,
+)
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 
 log = logging.getLogger(__name__)
@@ -29,6 +37,9 @@ log = logging.getLogger(__name__)
 # RoPE variants whose frequencies change with the sequence length: a token's logits in a
 # 4k pass differ from the same token's in an 8k pass, so truncate needs per-length passes.
 LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+# Log-probabilities of one chunk of a request's positions: (slice into the positions, [c, V]).
+Chunk = tuple[slice, torch.Tensor]
 
 
 def rope_type(config) -> str | None:
@@ -42,27 +53,44 @@ def rope_type(config) -> str | None:
 
 
 class HFEngine(ScoringEngine):
-    """Scores requests with ``model`` (a transformers ``*ForCausalLM``)."""
+    """Scores requests with ``model`` (a transformers ``*ForCausalLM``).
+
+    ``max_batch_rows``: most sequences per forward (None: only ``batch_tokens`` limits a batch).
+    ``split_head``: None checks whether decoder + output layer reproduce the model's logits
+    (the fast, bounded path); False forces the fallback (full-model forwards over a KV cache).
+    """
 
     name = "hf"
 
     def __init__(self, model, tokenizer, max_length: int, *, batch_tokens: int = 32768,
-                 max_batch_rows: int = 64, chunk_positions: int = 1024, progress: bool = True):
+                 max_batch_rows: int | None = None, chunk_positions: int = 1024, progress: bool = True,
+                 split_head: bool | None = None):
         self.model = model
         self._tokenizer = tokenizer
         self._max_length = int(max_length)
         self.batch_tokens = batch_tokens
         self.max_batch_rows = max_batch_rows
+        # A row joins a batch only if it is at least this share of the batch's longest row:
+        # padding is computed like real tokens, so mixing 512 with 2048 would waste work.
+        self.min_fill = 0.8
         self.chunk_positions = chunk_positions
         self.progress = progress
         self.device = next(model.parameters()).device
-        self._split = self._split_head_available()
+        self._scale, self._softcap = self._postprocessing()
+        self._split = self._split_head_available() if split_head is None else bool(split_head)
 
     @classmethod
     def from_hflm(cls, lm, **kwargs) -> HFEngine:
-        """Wrap lm-eval's HFLM (``--model hf``): its model, tokenizer and max_length."""
-        rows = lm.batch_size if isinstance(getattr(lm, "batch_size", None), int) else 64
-        return cls(lm.model, lm.tokenizer, lm.max_length, max_batch_rows=max(1, rows), **kwargs)
+        """Wrap lm-eval's HFLM (``--model hf``): its model, tokenizer and max_length.
+
+        lm-eval passes ``batch_size=1`` both by default and for an explicit ``--batch_size 1``
+        (its CLI default and ``EvaluatorConfig.batch_size`` are 1), so 1 means "not set": rows
+        are limited by ``batch_tokens`` only. A larger integer caps the rows per forward;
+        ``auto`` leaves batching to the token budget. One row at a time: ``batch_tokens: 1``.
+        """
+        size = getattr(lm, "batch_size", None)
+        rows = size if isinstance(size, int) and size > 1 else None
+        return cls(lm.model, lm.tokenizer, lm.max_length, max_batch_rows=rows, **kwargs)
 
     # -- ScoringEngine properties -------------------------------------------------
     @property
@@ -82,11 +110,19 @@ class HFEngine(ScoringEngine):
         return "pass max_length=N in --model_args (e.g. --model_args pretrained=...,max_length=16384)"
 
     # -- model plumbing -------------------------------------------------------------
-    def _split_head_available(self) -> bool:
-        """Can we run decoder and LM head separately and get the model's own logits?
+    def _postprocessing(self) -> tuple[float, float | None]:
+        """(scale, softcap) the config applies to logits after the head; (1, None) if unknown."""
+        try:
+            return logit_postprocessing(self.model.config)
+        except UnsupportedLogitsError as err:
+            log.warning("hf backend: %s; using full-model forwards", err)
+            return 1.0, None
 
-        Checked once on a short input: models that post-process logits (soft-capping,
-        scaling) would fail the check and fall back to full forwards.
+    def _split_head_available(self) -> bool:
+        """Can we run decoder and output layer separately and get the model's own logits?
+
+        Checked once on a short input: models that post-process logits in a way the config
+        does not declare fail the check and fall back to full-model forwards.
         """
         decoder, head = self._decoder(), self.model.get_output_embeddings()
         if decoder is None or head is None:
@@ -94,10 +130,10 @@ class HFEngine(ScoringEngine):
         ids = torch.arange(2, 18, device=self.device).unsqueeze(0) % max(2, self.model.config.vocab_size)
         with torch.inference_mode():
             reference = self.model(input_ids=ids).logits.float()
-            split = head(decoder(input_ids=ids).last_hidden_state).float()
+            split = self._head_logits(decoder(input_ids=ids).last_hidden_state)
         ok = torch.allclose(split, reference, rtol=1e-4, atol=1e-4)
         if not ok:
-            log.warning("hf backend: decoder+head logits differ from the model's; using full forwards")
+            log.warning("hf backend: decoder+head logits differ from the model's; using full-model forwards")
         return ok
 
     def _decoder(self):
@@ -108,59 +144,74 @@ class HFEngine(ScoringEngine):
             decoder = None
         return decoder if decoder is not None and decoder is not self.model else None
 
-    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T] ids -> [B, T, d] final hidden states (or [B, T, V] logits without a split head)."""
-        if self._split:
-            return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., V] float32 logits: the output layer, then the config's post-processing
+        in the model's dtype (as the model itself does it)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self._scale != 1.0:
+            logits = logits * self._scale
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits.float()
 
-    def _logprobs(self, hidden: torch.Tensor, label: str, positions: torch.Tensor) -> torch.Tensor:
-        """[k, d] hidden rows -> [k, V] float32 log-softmax; errors on non-finite logits."""
-        logits = (self.model.get_output_embeddings()(hidden) if self._split else hidden).float()
-        finite = torch.isfinite(logits).all(-1)
-        if not bool(finite.all()):
-            bad = int(positions[~finite][0])
-            raise NonFiniteLogitsError(
-                f"{label}: non-finite logits at input position {bad}; check the model's dtype "
-                "(try dtype=float32) and weights"
-            )
+    def _log_softmax(self, logits: torch.Tensor, label: str, positions: torch.Tensor) -> torch.Tensor:
+        """[k, V] logits -> float32 log-softmax; errors on non-finite logits."""
+        logits = logits.float()
+        # One reduction instead of an elementwise isfinite pass: a row sum is finite iff every
+        # entry is (barring overflow of the sum itself, which the exact check below clears).
+        if not bool(torch.isfinite(logits.sum(-1)).all()):
+            finite = torch.isfinite(logits).all(-1)
+            if not bool(finite.all()):
+                bad = int(positions[~finite.to(positions.device)][0])
+                raise NonFiniteLogitsError(
+                    f"{label}: non-finite logits at input position {bad}; check the model's dtype "
+                    "(try dtype=float32) and weights"
+                )
         return torch.log_softmax(logits, dim=-1)
 
-    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
-        """Group request indices longest first, neighbours in length together, within the token budget.
+    def _batches(self, lengths: Sequence[int], rows_per_item: int = 1) -> Iterator[list[int]]:
+        """Group item indices longest first, neighbours in length together, within the token budget.
 
-        With length-dependent positions (dynamic RoPE) a padded row would be encoded at the
-        batch's length, not its own: such models only batch rows of equal length.
+        An item is ``rows_per_item`` sequences of ``lengths[i]`` tokens (a dense pair is two);
+        a batch holds at most ``batch_tokens`` padded tokens (at least one item), at most
+        ``max_batch_rows`` rows when that is set, and items of at least ``min_fill`` times its
+        longest. With length-dependent positions (dynamic RoPE) a padded row would be encoded at
+        the batch's length, not its own: such models only batch items of equal length.
         """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        exact = self.position_dependent
         start = 0
         while start < len(order):
             longest = lengths[order[start]]
-            rows = max(1, min(self.max_batch_rows, self.batch_tokens // max(1, longest)))
-            batch = order[start : start + rows]
-            if exact:
-                batch = [i for i in batch if lengths[i] == longest]
+            shortest = longest if self.position_dependent else self.min_fill * longest
+            items = self.batch_tokens // max(1, longest * rows_per_item)
+            if self.max_batch_rows is not None:
+                items = min(items, self.max_batch_rows // rows_per_item)
+            batch = order[start : start + max(1, items)]
+            batch = [i for i in batch if lengths[i] >= shortest]  # a prefix: lengths only fall
             yield batch
             start += len(batch)
 
-    def _run(self, sequences: Sequence[np.ndarray], desc: str) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Forward every sequence once; yield (indices, hidden [b, T, d]) per batch.
+    def _run(self, sequences: Sequence[np.ndarray], desc: str, rows_per_item: int = 1,
+             ) -> Iterator[tuple[list[int], _Forward]]:
+        """Forward every item once; yield (item indices, the batch's forward) per batch.
 
-        Shorter rows are right-padded without an attention mask: under causal attention a
-        real token never sees the padding after it, and positions still count from 0, so
-        each row's outputs equal its unbatched ones (and SDPA keeps its causal fast path).
+        ``sequences`` holds ``rows_per_item`` consecutive rows per item. Shorter rows are
+        right-padded without an attention mask: under causal attention a real token never
+        sees the padding after it, and positions still count from 0, so each row's outputs
+        equal its unbatched ones (and SDPA keeps its causal fast path).
         """
         lengths = [len(s) for s in sequences]
+        item_lengths = [max(lengths[i * rows_per_item : (i + 1) * rows_per_item])
+                        for i in range(len(sequences) // rows_per_item)]
         bar = tqdm(total=int(sum(lengths)), desc=desc, unit="tok", disable=not self.progress, leave=False)
         with torch.inference_mode():
-            for batch in self._batches(lengths):
-                width = max(lengths[i] for i in batch)
-                ids = np.zeros((len(batch), width), dtype=np.int64)
-                for row, i in enumerate(batch):
+            for batch in self._batches(item_lengths, rows_per_item):
+                rows = [i * rows_per_item + r for i in batch for r in range(rows_per_item)]
+                ids = np.zeros((len(rows), max(lengths[i] for i in rows)), dtype=np.int64)  # [b, T]
+                for row, i in enumerate(rows):
                     ids[row, : lengths[i]] = sequences[i]
-                yield batch, self._hidden(torch.as_tensor(ids, device=self.device), None)
-                bar.update(sum(lengths[i] for i in batch))
+                yield batch, _Forward(self, torch.as_tensor(ids, device=self.device), [lengths[i] for i in rows])
+                bar.update(sum(lengths[i] for i in rows))
         bar.close()
 
     @staticmethod
@@ -175,16 +226,14 @@ class HFEngine(ScoringEngine):
         full = [self._with_bos(w.tokens, w.bos) for w in windows]
         out: list[np.ndarray | None] = [None] * len(windows)
         inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
-        for batch, hidden in self._run(inputs, "longshort hf: perplexity"):
+        for batch, forward in self._run(inputs, "longshort hf: perplexity"):
             for row, i in enumerate(batch):
                 w, seq = windows[i], torch.as_tensor(full[i], device=self.device)
                 offset = 1 if w.bos is not None else 0
                 # Target tokens[j] sits at input j + offset and is predicted by input j + offset - 1.
                 targets = torch.arange(w.score_from + offset, len(seq), device=self.device)
-                nll = []
-                for chunk in targets.split(self.chunk_positions):
-                    logp = self._logprobs(hidden[row, chunk - 1], w.label, chunk - 1)
-                    nll.append(-logp.gather(1, seq[chunk][:, None])[:, 0])
+                nll = [-logp.gather(1, seq[targets[part], None])[:, 0]
+                       for part, logp in forward.logprobs(row, targets - 1, w.label)]
                 out[i] = torch.cat(nll).double().cpu().numpy() if nll else np.zeros(0)
         return out  # type: ignore[return-value]
 
@@ -193,40 +242,90 @@ class HFEngine(ScoringEngine):
             self.check_lengths(p.n_inputs, p.label)
         sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
         out = [None] * len(prompts)
-        for batch, hidden in self._run(sequences, "longshort hf: misalignment"):
+        for batch, forward in self._run(sequences, "longshort hf: misalignment"):
             ends = torch.tensor([len(sequences[i]) - 1 for i in batch], device=self.device)
-            last = hidden[torch.arange(len(batch), device=self.device), ends]  # [b, d]
-            logp = self._logprobs(last, prompts[batch[0]].label, ends)
-            for row, i in enumerate(batch):
-                out[i] = logp[row].cpu()
+            for part, logp in forward.last_rows(ends, prompts[batch[0]].label):
+                for row, values in zip(range(len(batch))[part], logp, strict=True):
+                    out[batch[row]] = values.cpu()
         return torch.stack(out)  # type: ignore[arg-type]
 
     def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
-        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
+        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated).
+
+        Pairs are batched across documents (a pair's long and short window share a batch);
+        divergences are computed ``chunk_positions`` compared positions at a time.
+        """
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
-        out = []
-        bar = tqdm(total=len(pairs), desc="longshort hf: dense misalignment", disable=not self.progress, leave=False)
-        with torch.inference_mode():
-            for p in pairs:
+        sequences = [seq for p in pairs for seq in (self._with_bos(p.long_tokens, p.bos),
+                                                    self._with_bos(p.short_tokens, p.bos))]
+        out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
+        for batch, forward in self._run(sequences, "longshort hf: dense misalignment", rows_per_item=2):
+            for item, i in enumerate(batch):
+                p = pairs[i]
                 offset = 1 if p.bos is not None else 0
-                seqs = [self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos)]
-                if len(seqs[0]) == len(seqs[1]):
-                    h = self._hidden(torch.as_tensor(np.stack(seqs), device=self.device), None)
-                    h_long, h_short = h[0], h[1]
-                else:
-                    h_long = self._hidden(torch.as_tensor(seqs[0][None], device=self.device), None)[0]
-                    h_short = self._hidden(torch.as_tensor(seqs[1][None], device=self.device), None)[0]
                 long_pos = torch.as_tensor(p.long_positions, device=self.device) + offset
                 short_pos = torch.as_tensor(p.short_positions, device=self.device) + offset
-                parts = defaultdict(list)
-                for lp, sp in zip(long_pos.split(self.chunk_positions), short_pos.split(self.chunk_positions)):
-                    values = all_divergences(self._logprobs(h_long[lp], p.label, lp),
-                                             self._logprobs(h_short[sp], p.label, sp))
-                    for name in METRIC_NAMES:
-                        parts[name].append(values[name].double().cpu())
-                out.append({name: torch.cat(parts[name]).numpy() if parts[name] else np.zeros(0)
-                            for name in METRIC_NAMES})
-                bar.update(1)
-        bar.close()
-        return out
+                # Both streams cut the compared positions into the same chunks: they stay aligned.
+                parts = [all_divergences(logp, logq) for (_, logp), (_, logq) in zip(
+                    forward.logprobs(2 * item, long_pos, p.label),
+                    forward.logprobs(2 * item + 1, short_pos, p.label), strict=True)]
+                out[i] = {name: torch.cat([part[name] for part in parts]).double().cpu().numpy()
+                          if parts else np.zeros(0) for name in METRIC_NAMES}
+        return out  # type: ignore[return-value]
+
+
+class _Forward:
+    """One batch ``ids`` [b, T] through the model; log-probabilities at requested positions.
+
+    Split head (the usual case): the decoder runs once here; the output layer is applied
+    ``chunk_positions`` rows at a time. Fallback (the model's logits cannot be split off):
+    each request runs the full model over its row with a KV cache, ``chunk_positions`` needed
+    positions per step and logits only there (``logits_to_keep``), so no [T, V] tensor either;
+    models with length-dependent RoPE take one step (a chunked prefill would encode the early
+    chunks at a shorter length) and hold [positions, V] for that request.
+    """
+
+    def __init__(self, engine: HFEngine, ids: torch.Tensor, lengths: list[int]):
+        self.engine, self.ids, self.lengths = engine, ids, lengths
+        self.hidden = engine._decoder()(input_ids=ids).last_hidden_state if engine._split else None  # [b, T, d]
+
+    def logprobs(self, row: int, positions: torch.Tensor, label: str) -> Iterator[Chunk]:
+        """Float32 log-softmax after each of ``positions`` (increasing) of ``row``, in chunks."""
+        if self.hidden is None:
+            yield from self._full_model(row, positions, label)
+            return
+        step = self.engine.chunk_positions
+        for start in range(0, len(positions), step):
+            part = slice(start, start + step)
+            logits = self.engine._head_logits(self.hidden[row, positions[part]])
+            yield part, self.engine._log_softmax(logits, label, positions[part])
+
+    def last_rows(self, ends: torch.Tensor, label: str) -> Iterator[Chunk]:
+        """Log-softmax after position ``ends[r]`` of each row r, chunks over rows."""
+        if self.hidden is None:
+            for row, end in enumerate(ends):
+                for _, logp in self._full_model(row, end[None], label):
+                    yield slice(row, row + 1), logp
+            return
+        step = self.engine.chunk_positions
+        for start in range(0, len(ends), step):
+            part = slice(start, start + step)
+            rows = torch.arange(len(ends), device=ends.device)[part]
+            logits = self.engine._head_logits(self.hidden[rows, ends[part]])  # [c, d] -> [c, V]
+            yield part, self.engine._log_softmax(logits, label, ends[part])
+
+    def _full_model(self, row: int, positions: torch.Tensor, label: str) -> Iterator[Chunk]:
+        """The fallback: full-model steps over one row with a KV cache (see the class docstring)."""
+        from transformers import DynamicCache
+
+        engine, ids = self.engine, self.ids[row : row + 1, : self.lengths[row]]  # [1, T]
+        step = max(1, len(positions)) if engine.position_dependent else engine.chunk_positions
+        cache, fed = DynamicCache(config=engine.model.config), 0
+        for start in range(0, len(positions), step):
+            part = slice(start, start + step)
+            end = int(positions[part][-1]) + 1  # feed tokens up to the chunk's last position
+            out = engine.model(input_ids=ids[:, fed:end], past_key_values=cache, use_cache=True,
+                               logits_to_keep=positions[part] - fed)
+            fed = end
+            yield part, engine._log_softmax(out.logits[0], label, positions[part])
