@@ -32,6 +32,7 @@ import torch
 from transformers import Trainer
 
 from lm_eval_longshort.numerics import divergences
+from lm_eval_longshort.protocols.misalignment import dense_positions as mis_dense_positions
 from lm_eval_longshort.protocols.misalignment import max_gap
 from lm_eval_longshort.protocols.settings import MisalignSettings
 
@@ -60,11 +61,10 @@ def default_gap_range(length: int, min_ratio: float) -> tuple[int, int]:
 def dense_positions(length: int, gap: int, min_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions in A, positions in B) compared for gap e; both [k] int64, B's = A's - e.
 
-    Same selection as ``protocols.misalignment.dense_pairs``: t >= e and t + 1 - e >= ceil(min_ratio·L).
+    The task's own selection (``protocols.misalignment.dense_positions``): t >= e and t + 1 - e >= ceil(min_ratio·L).
     Both are contiguous runs: A's end at L - 1, B's at L - 1 - e.
     """
-    first_t = max(gap, min_short(length, min_ratio) + gap - 1)
-    t = torch.arange(first_t, length)
+    t = torch.from_numpy(mis_dense_positions(_settings(length, min_ratio), length, gap))
     return t, t - gap
 
 

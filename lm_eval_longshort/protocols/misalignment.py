@@ -63,12 +63,17 @@ def last_prompts(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, labe
 
 
 # dense: A = ids[0:L], B = ids[e:e+L]; compare A after ids[t] with B after the same token.
+def dense_positions(s: MisalignSettings, length: int, gap: int) -> np.ndarray:
+    """The positions t of A compared for gap e (B's are t - e): t >= e and t + 1 - e >= ceil(min_ratio·L)."""
+    return np.arange(max(gap, s.min_short(length) + gap - 1), length)
+
+
 def dense_pairs(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label: str):
     pairs, layout = [], []
     for length in s.lengths:
         gap = dense_gap(s, doc_index, length)
-        first_t = max(gap, s.min_short(length) + gap - 1)  # t >= e and t + 1 - e >= ceil(min_ratio·L)
-        t = np.arange(first_t, length)
+        t = dense_positions(s, length, gap)
+        first_t = int(t[0])
         pairs.append(AlignedPair(
             long_tokens=ids[0:length], short_tokens=ids[gap : gap + length],
             long_positions=t, short_positions=t - gap, bos=bos, label=f"{label} L={length} e={gap}",
