@@ -22,7 +22,7 @@ def rss_gib() -> float:
 
 
 def main() -> None:
-    from lm_eval_longshort.backends.base import TargetWindow
+    from lm_eval_longshort.protocols.requests import TargetWindow
     from lm_eval_longshort.backends.hf import HFEngine
 
     parser = argparse.ArgumentParser()

@@ -23,7 +23,7 @@ import torch
 from harness_run import response
 from lm_eval.tasks import TaskManager
 
-from lm_eval_longshort.backends.base import LengthLimitError, NonFiniteLogitsError
+from lm_eval_longshort.protocols.requests import LengthLimitError, NonFiniteLogitsError
 from lm_eval_longshort.protocols.runner import TooFewDocumentsError
 
 INSTALLED = Path(lm_eval.tasks.__file__).parent / "longshort"

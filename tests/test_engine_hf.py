@@ -8,7 +8,7 @@ import pytest
 import torch
 from reference import plain_nll, plain_token_logprobs
 
-from lm_eval_longshort.backends.base import Prompt, TargetWindow
+from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 from lm_eval_longshort.backends.hf import HFEngine
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES
 from lm_eval_longshort.protocols.runner import Document, evaluate_documents

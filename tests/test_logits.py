@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from lm_eval_longshort.backends.base import NonFiniteLogitsError
+from lm_eval_longshort.protocols.requests import NonFiniteLogitsError
 from lm_eval_longshort.backends.logits import (
     OutputHead,
     OutputLayerNotFoundError,

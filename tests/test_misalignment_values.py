@@ -86,7 +86,7 @@ def test_dense_mode_matches_plain_forward(hflm, smol, plays):
 
 def test_identical_short_input_gives_zero_divergence(smol, plays):
     """Invariant on the engine: comparing an input with itself gives symkl = js = tv = 0, top1 = 1."""
-    from lm_eval_longshort.backends.base import Prompt
+    from lm_eval_longshort.protocols.requests import Prompt
     from lm_eval_longshort.backends.hf import HFEngine
     from lm_eval_longshort.numerics.divergences import all_divergences
 

@@ -20,7 +20,7 @@ from harness_run import INSTALLED_TASKS as INSTALLED
 from harness_run import response
 from lm_eval.tasks import TaskManager
 
-from lm_eval_longshort.backends.base import LengthLimitError
+from lm_eval_longshort.protocols.requests import LengthLimitError
 from lm_eval_longshort.harness.lm_method import TaskCheckError
 from lm_eval_longshort.protocols.runner import TooFewDocumentsError
 

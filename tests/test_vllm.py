@@ -77,7 +77,7 @@ def test_engine_facts(vllm_lm, engines):
 
 def test_target_nll_matches_hf_with_bos_and_at_max_length(engines, doc_ids):
     """Index shift by BOS, feed_last both ways, and a window of exactly max_length inputs."""
-    from lm_eval_longshort.backends.base import TargetWindow
+    from lm_eval_longshort.protocols.requests import TargetWindow
 
     engine, hf = engines
     ids = doc_ids[0]
@@ -96,7 +96,7 @@ def test_target_nll_matches_hf_with_bos_and_at_max_length(engines, doc_ids):
 
 def test_last_logprobs_are_the_raw_full_distribution(engines, doc_ids):
     """Dense [n, V] float32 rows equal hf's log_softmax: raw log-probabilities, every id, sum 1."""
-    from lm_eval_longshort.backends.base import Prompt
+    from lm_eval_longshort.protocols.requests import Prompt
 
     engine, hf = engines
     ids = doc_ids[1]
@@ -109,12 +109,12 @@ def test_last_logprobs_are_the_raw_full_distribution(engines, doc_ids):
 
 def test_dense_topk_bounds_per_position(engines, doc_ids):
     """Per position: approximation <= exact (sce, symkl, js, tv), exact tv/js <= approximation + bound."""
-    from lm_eval_longshort.backends.base import AlignedPair
+    from lm_eval_longshort.protocols.requests import AlignedWindows
 
     engine, hf = engines
     ids, length, gap = doc_ids[0], 384, 70
     t = np.arange(gap + length // 2, length)
-    pair = AlignedPair(ids[:length], ids[gap : gap + length], t, t - gap, None, "pair")
+    pair = AlignedWindows(ids[:length], ids[gap : gap + length], t, t - gap, None, "pair")
     exact = hf.aligned_divergences([pair])[0]
     for k in (8, 64):
         approx = engine.aligned_divergences([pair], topk=k)[0]
@@ -194,12 +194,12 @@ def test_engine_without_max_logprobs_minus_one_says_add_it(engines, doc_ids):
     """With vLLM's default max_logprobs=20 vLLM itself rejects logprobs=-1; we say what to add first."""
     from vllm import SamplingParams, TokensPrompt
 
-    from lm_eval_longshort.backends.base import AlignedPair, Prompt
+    from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt
 
     engine, _ = engines
     config = engine.model_config
     ids = doc_ids[0][:64]
-    pair = AlignedPair(ids, ids, np.arange(40, 64), np.arange(40, 64), None, "pair")
+    pair = AlignedWindows(ids, ids, np.arange(40, 64), np.arange(40, 64), None, "pair")
     config.max_logprobs = 20  # what an engine started without max_logprobs=-1 has
     try:
         with pytest.raises(Exception, match=r"greater than max allowed: 20"):  # vLLM's own check
@@ -215,7 +215,7 @@ def test_engine_without_max_logprobs_minus_one_says_add_it(engines, doc_ids):
 
 
 def _window(ids):
-    from lm_eval_longshort.backends.base import TargetWindow
+    from lm_eval_longshort.protocols.requests import TargetWindow
 
     return TargetWindow(ids, score_from=1, bos=None, label="w")
 
@@ -225,7 +225,7 @@ def _window(ids):
     (MIS, {"lengths": [64, 2048]}, 2048),  # = max_model_len: one token too many for vLLM
 ])
 def test_length_beyond_max_model_len_names_the_fix(vllm_lm, task, meta, needed):
-    from lm_eval_longshort.backends.base import LengthLimitError
+    from lm_eval_longshort.protocols.requests import LengthLimitError
 
     with pytest.raises(LengthLimitError) as info:
         evaluate(vllm_lm, task, meta)

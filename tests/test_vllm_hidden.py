@@ -94,7 +94,7 @@ def test_hidden_route_engine_facts(hidden_route):
 
 def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     """Engine level: BOS shift, feed_last both ways, a prompt filling max_model_len, last rows, dense pairs."""
-    from lm_eval_longshort.backends.base import AlignedPair, Prompt, TargetWindow
+    from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
     from lm_eval_longshort.harness.lm_method import engine_for
 
     lm, hf_lm, _ = hidden_route
@@ -116,8 +116,8 @@ def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     assert got.dtype == torch.float32 and got.shape == want.shape == (3, engine.vocab_size)
     assert (got - want).abs().max().item() < 2e-4
     t = np.arange(150, 256)
-    pairs = [AlignedPair(ids[:256], ids[70:326], t, t - 70, None, "pair"),
-             AlignedPair(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair")]
+    pairs = [AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair"),
+             AlignedWindows(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair")]
     for a, b in zip(engine.aligned_divergences(pairs), hf.aligned_divergences(pairs), strict=True):
         assert a.keys() == b.keys()  # no error bounds: nothing is approximated
         for name in a:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from lm_eval_longshort.backends.base import Prompt, TargetWindow
+from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 from lm_eval_longshort.backends.hf import HFEngine
 
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (spec sheet); a measured 8k matmul reaches ~790e12

@@ -108,7 +108,7 @@ def measure(fn) -> tuple[float, float]:
 
 
 def run_route(route: str, folder: str, args) -> list[dict]:
-    from lm_eval_longshort.backends.base import AlignedPair, Prompt, TargetWindow
+    from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
 
     begin = time.perf_counter()
     engine = start_engine(route, folder, args)
@@ -125,7 +125,7 @@ def run_route(route: str, folder: str, args) -> list[dict]:
         last_s, _ = measure(lambda: engine.last_logprobs(prompts))  # noqa: B023
         gap = n // 2
         pos = np.arange(gap + n // 4, n)  # the long window's last positions, seen from both windows
-        pair = AlignedPair(ids[:n], ids[gap : gap + n], pos, pos - gap, None, "pair")
+        pair = AlignedWindows(ids[:n], ids[gap : gap + n], pos, pos - gap, None, "pair")
         dense_s, _ = measure(lambda: engine.aligned_divergences([pair]))  # noqa: B023
         rows.append({"route": route, "L": n, "ladder tokens/s": args.windows * windows[0].n_inputs / ladder_s,
                      "ladder peak GiB": peak, "last pairs/s": args.pairs / last_s,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_longshort.backends.base import NonFiniteLogitsError
+from lm_eval_longshort.protocols.requests import NonFiniteLogitsError
 
 
 class OutputLayerNotFoundError(ValueError):

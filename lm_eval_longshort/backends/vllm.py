@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from vllm import SamplingParams, TokensPrompt
 
-from lm_eval_longshort.backends.base import (
-    AlignedPair,
+from lm_eval_longshort.protocols.requests import (
+    AlignedWindows,
     LengthLimitError,
     NonFiniteLogitsError,
     Prompt,
@@ -283,7 +283,7 @@ class VLLMEngine(_VLLMBase):
             )
         return row.astype(np.float32)
 
-    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
         """Top-K approximation (vLLM's V1 runner returns no dense per-position distributions).
 
         Per compared position, both windows' top-``topk`` lists give coarse-grained divergences
@@ -404,7 +404,7 @@ class VLLMHiddenStateEngine(_VLLMBase):
         parts = [logp.cpu() for _, logp in self.head.chunks(last, label, ends)]
         return torch.cat(parts) if parts else torch.empty(0, self.vocab_size)
 
-    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
         """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
@@ -417,7 +417,7 @@ class VLLMHiddenStateEngine(_VLLMBase):
                 out[j // 2] = self._pair_divergences(pairs[j // 2], held.pop(j - 1), held.pop(j))
         return out  # type: ignore[return-value]
 
-    def _pair_divergences(self, pair: AlignedPair, h_long: torch.Tensor, h_short: torch.Tensor) -> dict[str, np.ndarray]:
+    def _pair_divergences(self, pair: AlignedWindows, h_long: torch.Tensor, h_short: torch.Tensor) -> dict[str, np.ndarray]:
         """{metric: float64 [k]} between the pair's compared rows, ``chunk_positions`` at a time."""
         offset = 1 if pair.bos is not None else 0
         long_pos = torch.as_tensor(np.asarray(pair.long_positions) + offset)

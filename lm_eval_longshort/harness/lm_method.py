@@ -18,7 +18,7 @@ import lm_eval.evaluator_utils
 from lm_eval.api.model import LM
 from tqdm.auto import tqdm
 
-from lm_eval_longshort.backends.base import ScoringEngine
+from lm_eval_longshort.protocols.requests import ScoringEngine
 from lm_eval_longshort.harness.resume import DocumentStore, engine_identity
 from lm_eval_longshort.protocols.runner import Document, TaskPlan, plan_task, score_documents
 from lm_eval_longshort.protocols.settings import MisalignSettings, settings_from_json

@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from lm_eval_longshort.backends.base import ScoringEngine
+from lm_eval_longshort.protocols.requests import ScoringEngine
 from lm_eval_longshort.protocols.runner import Document
 from lm_eval_longshort.protocols.settings import MisalignSettings, PerplexitySettings, measured_settings
 

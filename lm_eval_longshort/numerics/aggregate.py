@@ -13,13 +13,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-Pair = Sequence[float] | None
+# One document's (numerator, denominator), or None for a skipped document.
+Sums = Sequence[float] | None
 
 # How a pooled ratio R = Σa/Σb becomes the reported value: ppl = exp(R), bpb = R / ln 2.
 TRANSFORMS = ("identity", "exp", "bits")
 
 
-def pooled_ratio(pairs: Iterable[Pair]) -> float:
+def pooled_ratio(pairs: Iterable[Sums]) -> float:
     """Σ numerators / Σ denominators over the non-skipped pairs (NaN if the denominator is 0)."""
     num = den = 0.0
     for pair in pairs:
@@ -30,13 +31,13 @@ def pooled_ratio(pairs: Iterable[Pair]) -> float:
     return num / den if den > 0 else math.nan
 
 
-def perplexity(pairs: Iterable[Pair]) -> float:
+def perplexity(pairs: Iterable[Sums]) -> float:
     """exp(Σ nll / Σ n_targets): token-weighted perplexity."""
     mean_nll = pooled_ratio(pairs)
     return math.exp(mean_nll) if not math.isnan(mean_nll) else math.nan
 
 
-def bits_per_byte(pairs: Iterable[Pair]) -> float:
+def bits_per_byte(pairs: Iterable[Sums]) -> float:
     """Σ nll / (ln 2 · Σ bytes), from (nll_sum, n_bytes) pairs."""
     return pooled_ratio(pairs) / math.log(2.0)
 
@@ -52,13 +53,13 @@ def count(values: Iterable[int | None]) -> int:
     return int(sum(v for v in values if v is not None))
 
 
-def _present(pairs: Iterable[Pair]) -> np.ndarray:
+def _present(pairs: Iterable[Sums]) -> np.ndarray:
     """[n, 2] float64 array of the non-skipped (numerator, denominator) pairs."""
     rows = [(float(p[0]), float(p[1])) for p in pairs if p is not None]
     return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
 
 
-def linearized(pairs: Iterable[Pair]) -> tuple[float, np.ndarray]:
+def linearized(pairs: Iterable[Sums]) -> tuple[float, np.ndarray]:
     """(R, u): the pooled ratio and each document's influence on it.
 
     ``u_d = (a_d - R·b_d) / mean(b)`` is the first-order change of R per document (delta
@@ -89,7 +90,7 @@ def _se(u: np.ndarray) -> float:
     return math.sqrt(float(u @ u) / (n * (n - 1))) if n >= 2 else math.nan
 
 
-def ratio_stderr(pairs: Iterable[Pair], transform: str = "identity") -> float:
+def ratio_stderr(pairs: Iterable[Sums], transform: str = "identity") -> float:
     """Standard error of a pooled ratio over documents (delta method; documents are the unit).
 
     ``se(R) = sqrt(Σ_d (a_d - R·b_d)² / (n(n-1))) / mean(b)``; ``transform="exp"`` gives
@@ -102,7 +103,7 @@ def ratio_stderr(pairs: Iterable[Pair], transform: str = "identity") -> float:
     return _se(_transform(ratio, u, transform)[1])
 
 
-def paired_difference(pairs_x: Sequence[Pair], pairs_y: Sequence[Pair],
+def paired_difference(pairs_x: Sequence[Sums], pairs_y: Sequence[Sums],
                       transform: str = "identity") -> tuple[float, float]:
     """(value_x - value_y, its standard error) for two ratios measured on the SAME documents.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm_eval_longshort.backends.base import AlignedPair, Prompt
+from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt
 from lm_eval_longshort.protocols.settings import MisalignSettings
 
 
@@ -74,7 +74,7 @@ def dense_pairs(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label
         gap = dense_gap(s, doc_index, length)
         t = dense_positions(s, length, gap)
         first_t = int(t[0])
-        pairs.append(AlignedPair(
+        pairs.append(AlignedWindows(
             long_tokens=ids[0:length], short_tokens=ids[gap : gap + length],
             long_positions=t, short_positions=t - gap, bos=bos, label=f"{label} L={length} e={gap}",
         ))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lm_eval_longshort.backends.base import TargetWindow
+from lm_eval_longshort.protocols.requests import TargetWindow
 from lm_eval_longshort.protocols.settings import PerplexitySettings
 
 Decode = Callable[[np.ndarray], str]

@@ -1,5 +1,9 @@
 """What a scoring backend is asked to do, and the interface every backend implements.
 
+The protocols make these requests and the runner hands them to an engine, so they live here,
+below the backends: ``backends/`` implements ``ScoringEngine`` and imports this module, never
+the other way round.
+
 Requests hold document token ids WITHOUT the BOS token; ``bos`` says which id (if
 any) the backend must prepend. A prepended BOS is never a scored target and never
 counts as context (docs/metrics.md).
@@ -63,7 +67,7 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class AlignedPair:
+class AlignedWindows:
     """Two windows whose positions are compared one to one (misalignment ``dense`` mode).
 
     Position ``long_positions[i]`` of ``long_tokens`` and ``short_positions[i]`` of
@@ -117,7 +121,7 @@ class ScoringEngine(abc.ABC):
         """[n, V] float32 log-softmax of the next-token logits after each prompt."""
 
     @abc.abstractmethod
-    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
         """Per pair, {metric: float64 [k]} divergences between the compared positions.
 
         ``topk``: the list size of backends that approximate from top-K lists (vllm; exact
@@ -127,7 +131,7 @@ class ScoringEngine(abc.ABC):
 
     @property
     def approximate_dense(self) -> bool:
-        """True when ``aligned_divergences`` is an approximation (labelled in the metric names)."""
+        """True when ``aligned_divergences`` is an approximation (reported as the ``approximate`` metric)."""
         return False
 
     def check_lengths(self, n_inputs: int, what: str) -> None:

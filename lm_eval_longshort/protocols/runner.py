@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_longshort.backends.base import LengthLimitError, ScoringEngine
+from lm_eval_longshort.protocols.requests import LengthLimitError, ScoringEngine
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.protocols import misalignment as mis
 from lm_eval_longshort.protocols import perplexity as ppl
