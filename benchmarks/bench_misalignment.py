@@ -48,6 +48,14 @@ def bare_dense(model, tokenizer, docs, lengths, seed=1234, ratio=0.5):
                     torch.log_softmax(head(hidden[1, rows - gap]).float(), -1)
 
 
+def dense_positions(docs, lengths, seed=1234, ratio=0.5) -> int:
+    """Compared positions of the dense task (same draws as ``bare_dense``)."""
+    import math
+
+    return sum(n - (math.ceil(ratio * n) + int(np.random.default_rng([seed, index, n]).integers(1, n // 2 + 1)) - 1)
+               for index in range(len(docs)) for n in lengths)
+
+
 def main() -> None:
     from harness_run import evaluate
 
@@ -56,7 +64,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=1, help="dense: runs of each side; the fastest counts")
-    parser.add_argument("--modes", nargs="+", choices=["last", "dense"], default=["last", "dense"])
+    parser.add_argument("--modes", nargs="+", choices=["last", "dense", "kernel"],
+                        default=["last", "dense", "kernel"])
     args = parser.parse_args()
     lm, model, tokenizer = embedded_hflm()
     docs = corpus(args.docs)
@@ -67,6 +76,32 @@ def main() -> None:
         run_last(lm, model, tokenizer, docs, args, t)
     if "dense" in args.modes:
         run_dense(lm, model, tokenizer, docs, args, t)
+    if "kernel" in args.modes:
+        run_kernel(model)
+
+
+def run_kernel(model, rows: int = 128) -> None:
+    """Divergences of one chunk against what produced their inputs (output layer + float32
+    log-softmax, both sides), in single-thread CPU time: less noisy than whole runs."""
+    from lm_eval_longshort.numerics.divergences import all_divergences
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(2, rows, model.config.hidden_size)
+    t: dict[str, float] = {}
+    with torch.inference_mode():
+        logp, logq = (torch.log_softmax(head(h).float(), -1) for h in hidden)
+        for _ in range(3):
+            with timed(t, "head"):
+                for h in hidden:
+                    torch.log_softmax(head(h).float(), -1)
+            with timed(t, "divergences"):
+                all_divergences(logp, logq)
+    torch.set_num_threads(threads)
+    print(f"kernel ({rows} positions, 1 thread, CPU time): output layer + log-softmax x2 "
+          f"{t['head_cpu'] * 1e3:.0f} ms, all_divergences {t['divergences_cpu'] * 1e3:.0f} ms "
+          f"({t['divergences_cpu'] / t['head_cpu']:.2f}x)")
 
 
 def run_last(lm, model, tokenizer, docs, args, t: dict) -> None:
@@ -87,11 +122,11 @@ def run_dense(lm, model, tokenizer, docs, args, t: dict) -> None:
 
     for _ in range(args.repeat):  # alternate the two, keep each one's fastest run
         with timed(t, "dense"):
-            _, samples = evaluate(lm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": args.lengths},
+            evaluate(lm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": args.lengths},
                                   limit=args.docs)
         with timed(t, "bare_dense"):
             bare_dense(model, tokenizer, docs, args.lengths)
-    positions = sum(g["n_positions"] for s in samples for g in s["resps"][0][0]["groups"])
+    positions = dense_positions(docs, args.lengths)
     print(f"dense: {positions} compared positions in {t['dense']:.2f} s = {positions / t['dense']:.1f} positions/s; "
           f"bare passes (decoder + log-softmax at the compared positions) {t['bare_dense']:.2f} s; "
           f"ratio {t['dense'] / t['bare_dense']:.3f}x wall, {t['dense_cpu'] / t['bare_dense_cpu']:.3f}x CPU "
