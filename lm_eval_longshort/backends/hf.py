@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_longshort.backends.base import (
-    AlignedPair,
+from lm_eval_longshort.protocols.requests import (
+    AlignedWindows,
     NonFiniteLogitsError,
     Prompt,
     ScoringEngine,
@@ -249,7 +249,7 @@ class HFEngine(ScoringEngine):
                     out[batch[row]] = values.cpu()
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def aligned_divergences(self, pairs: Sequence[AlignedPair], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
         """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated).
 
         Pairs are batched across documents (a pair's long and short window share a batch);
