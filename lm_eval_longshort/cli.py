@@ -187,6 +187,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand("fetch the embedded model + corpus (and convert the model to safetensors)",
                           _prepare_arguments, _prepare_run),
     "model-args": Subcommand("print the embedded model's --model_args", _model_args_arguments, _model_args_run),
+    "sweep": Subcommand("run a sweep file (many models or RoPE variants, one report); see README 'Sweeps'",
+                        lambda p: importlib.import_module("lm_eval_longshort.sweep").add_arguments(p),
+                        lambda a: importlib.import_module("lm_eval_longshort.sweep").run(a)),
     "finetune": Subcommand("CPU demo: fine-tune the embedded model with alpha 0 / 0.1 misalignment regularizer, "
                            "then evaluate on held-out plays", finetune.add_arguments, finetune.run),
 }

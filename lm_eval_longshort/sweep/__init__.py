@@ -1,0 +1,62 @@
+"""`lm-eval-longshort sweep SWEEP.yaml`: many models (or RoPE variants of one), one report.
+
+  spec      read the sweep YAML, apply --quick, validate everything before any model loads
+  variants  a base model folder + config overrides (RoPE scaling) -> a loadable model folder
+  execute   one run at a time through lm_eval.simple_evaluate; skip finished, resume, record failures
+  report    Markdown tables ± standard errors, correlations across runs, PNG plots, CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lm_eval_longshort.sweep.spec import RunSpec, Sweep, SweepError, TaskSpec, load_sweep
+
+__all__ = ["RunSpec", "Sweep", "SweepError", "TaskSpec", "add_arguments", "load_sweep", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sweep` subcommand's options."""
+    parser.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file (runs, tasks, metadata)")
+    parser.add_argument("--quick", action="store_true",
+                        help="use the file's quick: preset (fewer documents and lengths)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="output folder (default: the file's output:, else sweep_results/NAME[-quick])")
+    parser.add_argument("--check", action="store_true", help="validate the sweep and print its plan; run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the runs already finished; run nothing")
+
+
+def _print_plan(sweep: Sweep) -> None:
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs, output {sweep.output}")
+    for task in sweep.tasks:
+        extra = f" (from {task.source}, {task.metadata})" if task.name != task.source or task.metadata else ""
+        print(f"  task {task.name}{extra}")
+    print(f"  metadata {sweep.metadata}; documents {list(sweep.samples) if sweep.samples else f'limit {sweep.limit}'}")
+    for run in sweep.runs:
+        variant = f" + {run.variant.overrides}" if run.variant else ""
+        print(f"  run {run.name}: {run.backend} {run.model_args}{variant}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then run (or only check / only report); 0 when every run finished, 1 if one failed,
+    2 for a sweep that cannot run as written."""
+    from lm_eval_longshort.sweep import execute
+
+    try:
+        sweep = load_sweep(args.sweep, quick=args.quick, output=args.output)
+        if args.check:
+            _print_plan(sweep)
+            return 0
+        if args.report_only:
+            layout = execute.Layout(sweep.output)
+            execute.check_output(sweep, layout)
+            path = execute.write_sweep_report(sweep, layout)
+            print(f"report: {path}" if path else "no finished run: nothing to report")
+            return 0 if path else 1
+        outcome = execute.run_sweep(sweep)
+    except SweepError as exc:
+        print(f"lm-eval-longshort sweep: error: {exc}", file=sys.stderr)
+        return 2
+    return outcome.exit_code
