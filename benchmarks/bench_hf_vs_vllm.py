@@ -62,8 +62,14 @@ def start_lm(route: str, args):
     from lm_eval_longshort.assets import prepare
 
     extra = POOLING if route == "vllm-hidden" else {"max_logprobs": -1}
-    return VLLM(pretrained=str(prepare(progress=False).model_dir), dtype="float32", max_model_len=max(need, 2048),
-                gpu_memory_utilization=0.3, enforce_eager=True, **extra)
+    return VLLM(
+        pretrained=str(prepare(progress=False).model_dir),
+        dtype="float32",
+        max_model_len=max(need, 2048),
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        **extra,
+    )
 
 
 def _response(sample: dict) -> dict:
@@ -84,8 +90,12 @@ def run_route(route: str, args) -> dict:
     rss_before = rss_gib("VmRSS")
     reset_peak_rss()
     with timed(t, "ppl"):
-        ppl, _ = evaluate(lm, PPL, {"protocol": "ladder", "lengths": args.lengths, "target_tokens": args.target_tokens},
-                          limit=args.docs)
+        ppl, _ = evaluate(
+            lm,
+            PPL,
+            {"protocol": "ladder", "lengths": args.lengths, "target_tokens": args.target_tokens},
+            limit=args.docs,
+        )
     peak = rss_gib("VmHWM")
     with timed(t, "last"):
         last, _ = evaluate(lm, MIS, {"mode": "last", "lengths": args.lengths, "pairs": args.pairs}, limit=args.docs)
@@ -95,9 +105,14 @@ def run_route(route: str, args) -> dict:
     fed = args.docs * sum(n + args.target_tokens - 1 for n in args.lengths)  # ladder reads ids[C-L : C+W-1]
     pairs = args.docs * len(args.lengths) * args.pairs
     return {
-        "ladder tokens/s": fed / t["ppl"], "ladder peak RSS GiB": peak, "RSS before GiB": rss_before,
-        "last pairs/s": pairs / t["last"], "dense positions/s": positions / t["dense"],
-        "dense approximate": dense["approximate,none"], "start-up s": start_s, "torch threads": torch.get_num_threads(),
+        "ladder tokens/s": fed / t["ppl"],
+        "ladder peak RSS GiB": peak,
+        "RSS before GiB": rss_before,
+        "last pairs/s": pairs / t["last"],
+        "dense positions/s": positions / t["dense"],
+        "dense approximate": dense["approximate,none"],
+        "start-up s": start_s,
+        "torch threads": torch.get_num_threads(),
         **{f"ppl@{n}": ppl[f"ppl@{n},none"] for n in args.lengths},
         **{f"symkl@{n} last": last[f"symkl@{n},none"] for n in args.lengths},
         **{f"symkl@{n} dense": dense[f"symkl@{n},none"] for n in args.lengths},
@@ -113,7 +128,11 @@ def child(route: str, args) -> None:
 
 def print_table(rows: dict[str, dict]) -> None:
     routes = list(rows)
-    print(f"\n{'':<24}" + "".join(f"{r:>15}" for r in routes) + ("   hidden/logprobs   hidden/hf" if len(routes) == 3 else ""))
+    print(
+        f"\n{'':<24}"
+        + "".join(f"{r:>15}" for r in routes)
+        + ("   hidden/logprobs   hidden/hf" if len(routes) == 3 else "")
+    )
     for key in rows[routes[0]]:
         values = [rows[r][key] for r in routes]
         line = f"{key:<24}" + "".join(f"{v:>15.4f}" for v in values)
@@ -137,8 +156,20 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
     rows = {}
     for route in args.routes:
-        cmd = [sys.executable, __file__, "--child", route, "--docs", str(args.docs), "--lengths",
-               *map(str, args.lengths), "--target-tokens", str(args.target_tokens), "--pairs", str(args.pairs)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            route,
+            "--docs",
+            str(args.docs),
+            "--lengths",
+            *map(str, args.lengths),
+            "--target-tokens",
+            str(args.target_tokens),
+            "--pairs",
+            str(args.pairs),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ROUTE-RESULT ")]
         if proc.returncode != 0 or not lines:

@@ -22,8 +22,8 @@ def rss_gib() -> float:
 
 
 def main() -> None:
-    from lm_eval_longshort.protocols.requests import TargetWindow
     from lm_eval_longshort.backends.hf import HFEngine
+    from lm_eval_longshort.protocols.requests import TargetWindow
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=16384)
@@ -38,8 +38,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     vocab = model.config.vocab_size
     print(f"{args.tokens}-token window, {nll.size} scored tokens, ppl {np.exp(nll.mean()):.2f}, {seconds:.1f} s")
-    print(f"peak RSS: {rss_gib():.2f} GiB (model loaded: {before:.2f} GiB); "
-          f"full [tokens, vocab] float32 logits alone would be {args.tokens * vocab * 4 / 2**30:.2f} GiB")
+    print(
+        f"peak RSS: {rss_gib():.2f} GiB (model loaded: {before:.2f} GiB); "
+        f"full [tokens, vocab] float32 logits alone would be {args.tokens * vocab * 4 / 2**30:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ def dense_positions(docs, lengths, seed=1234, ratio=0.5) -> int:
     """Compared positions of the dense task (same draws as ``bare_dense``)."""
     import math
 
-    return sum(n - (math.ceil(ratio * n) + int(np.random.default_rng([seed, index, n]).integers(1, n // 2 + 1)) - 1)
-               for index in range(len(docs)) for n in lengths)
+    return sum(
+        n - (math.ceil(ratio * n) + int(np.random.default_rng([seed, index, n]).integers(1, n // 2 + 1)) - 1)
+        for index in range(len(docs))
+        for n in lengths
+    )
 
 
 def main() -> None:
@@ -64,8 +67,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=1, help="dense: runs of each side; the fastest counts")
-    parser.add_argument("--modes", nargs="+", choices=["last", "dense", "kernel"],
-                        default=["last", "dense", "kernel"])
+    parser.add_argument("--modes", nargs="+", choices=["last", "dense", "kernel"], default=["last", "dense", "kernel"])
     args = parser.parse_args()
     lm, model, tokenizer = embedded_hflm()
     docs = corpus(args.docs)
@@ -99,9 +101,11 @@ def run_kernel(model, rows: int = 128) -> None:
             with timed(t, "divergences"):
                 all_divergences(logp, logq)
     torch.set_num_threads(threads)
-    print(f"kernel ({rows} positions, 1 thread, CPU time): output layer + log-softmax x2 "
-          f"{t['head_cpu'] * 1e3:.0f} ms, all_divergences {t['divergences_cpu'] * 1e3:.0f} ms "
-          f"({t['divergences_cpu'] / t['head_cpu']:.2f}x)")
+    print(
+        f"kernel ({rows} positions, 1 thread, CPU time): output layer + log-softmax x2 "
+        f"{t['head_cpu'] * 1e3:.0f} ms, all_divergences {t['divergences_cpu'] * 1e3:.0f} ms "
+        f"({t['divergences_cpu'] / t['head_cpu']:.2f}x)"
+    )
 
 
 def run_last(lm, model, tokenizer, docs, args, t: dict) -> None:
@@ -113,8 +117,10 @@ def run_last(lm, model, tokenizer, docs, args, t: dict) -> None:
     with timed(t, "bare_last"):
         bare_last(model, tokenizer, docs, args.lengths, args.pairs)
     n_pairs = args.docs * len(args.lengths) * args.pairs
-    print(f"last: {n_pairs} pairs in {t['last']:.2f} s = {n_pairs / t['last']:.2f} pairs/s; "
-          f"bare forwards {t['bare_last']:.2f} s; ratio {t['last'] / t['bare_last']:.3f}x (target <= 1.10x)")
+    print(
+        f"last: {n_pairs} pairs in {t['last']:.2f} s = {n_pairs / t['last']:.2f} pairs/s; "
+        f"bare forwards {t['bare_last']:.2f} s; ratio {t['last'] / t['bare_last']:.3f}x (target <= 1.10x)"
+    )
 
 
 def run_dense(lm, model, tokenizer, docs, args, t: dict) -> None:
@@ -122,15 +128,16 @@ def run_dense(lm, model, tokenizer, docs, args, t: dict) -> None:
 
     for _ in range(args.repeat):  # alternate the two, keep each one's fastest run
         with timed(t, "dense"):
-            evaluate(lm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": args.lengths},
-                                  limit=args.docs)
+            evaluate(lm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": args.lengths}, limit=args.docs)
         with timed(t, "bare_dense"):
             bare_dense(model, tokenizer, docs, args.lengths)
     positions = dense_positions(docs, args.lengths)
-    print(f"dense: {positions} compared positions in {t['dense']:.2f} s = {positions / t['dense']:.1f} positions/s; "
-          f"bare passes (decoder + log-softmax at the compared positions) {t['bare_dense']:.2f} s; "
-          f"ratio {t['dense'] / t['bare_dense']:.3f}x wall, {t['dense_cpu'] / t['bare_dense_cpu']:.3f}x CPU "
-          "(target <= 1.10x)")
+    print(
+        f"dense: {positions} compared positions in {t['dense']:.2f} s = {positions / t['dense']:.1f} positions/s; "
+        f"bare passes (decoder + log-softmax at the compared positions) {t['bare_dense']:.2f} s; "
+        f"ratio {t['dense'] / t['bare_dense']:.3f}x wall, {t['dense_cpu'] / t['bare_dense_cpu']:.3f}x CPU "
+        "(target <= 1.10x)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,10 +60,14 @@ def main() -> None:
     with timed(t, "engine"):
         evaluate_documents(engine_for(lm), parse_settings("ppl", meta), documents, "bench")
     print(f"ladder, {args.docs} docs, lengths {args.lengths}, W={args.target_tokens}")
-    print(f"  plugin via simple_evaluate: {t['plugin']:.2f} s   bare forwards: {t['bare']:.2f} s   "
-          f"overhead ratio: {t['plugin'] / t['bare']:.3f}x (target <= 1.05x)")
-    print(f"  of which scoring (tokenize, plan, forward, reduce): {t['engine']:.2f} s = "
-          f"{t['engine'] / t['bare']:.3f}x bare; lm-eval set-up and logging: {t['plugin'] - t['engine']:.2f} s")
+    print(
+        f"  plugin via simple_evaluate: {t['plugin']:.2f} s   bare forwards: {t['bare']:.2f} s   "
+        f"overhead ratio: {t['plugin'] / t['bare']:.3f}x (target <= 1.05x)"
+    )
+    print(
+        f"  of which scoring (tokenize, plan, forward, reduce): {t['engine']:.2f} s = "
+        f"{t['engine'] / t['bare']:.3f}x bare; lm-eval set-up and logging: {t['plugin'] - t['engine']:.2f} s"
+    )
     if args.skip_truncate:
         return
 
@@ -73,8 +77,10 @@ def main() -> None:
     with timed(t, "per_length"):
         evaluate(lm, "longshort_ppl_shakespeare", {**meta, "single_pass": False}, limit=args.docs)
     print(f"truncate, {args.docs} docs, lengths {args.truncate_lengths}")
-    print(f"  single pass: {t['single']:.2f} s   per-length passes: {t['per_length']:.2f} s   "
-          f"speedup: {t['per_length'] / t['single']:.2f}x")
+    print(
+        f"  single pass: {t['single']:.2f} s   per-length passes: {t['per_length']:.2f} s   "
+        f"speedup: {t['per_length'] / t['single']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

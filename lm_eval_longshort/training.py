@@ -105,7 +105,8 @@ class RegularizerConfig:
             raise ValueError(
                 f"gap_range={self.gap_range!r}: a gap above {largest} leaves no shared position with short "
                 f"context >= ceil({self.min_ratio}·{self.length}) = {min_short(self.length, self.min_ratio)}; "
-                f"use a high gap <= {largest} or lower min_ratio")
+                f"use a high gap <= {largest} or lower min_ratio"
+            )
 
     @property
     def gaps(self) -> tuple[int, int]:
@@ -148,7 +149,8 @@ def check_model(model: torch.nn.Module) -> None:
     if not (names & causal or any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)) or not has_head:
         raise TypeError(
             f"{type(model).__name__} is not a causal language model with a vocabulary head; the misalignment "
-            "term needs next-token logits: load it with AutoModelForCausalLM (a *ForCausalLM class)")
+            "term needs next-token logits: load it with AutoModelForCausalLM (a *ForCausalLM class)"
+        )
 
 
 def check_windows(n_tokens: int, config: RegularizerConfig, gap: int | None = None) -> None:
@@ -158,7 +160,8 @@ def check_windows(n_tokens: int, config: RegularizerConfig, gap: int | None = No
         what = f"gap {gap}" if gap is not None else f"the largest gap {config.gaps[1]} of gap_range {config.gaps}"
         raise ValueError(
             f"training windows have {n_tokens} tokens, but L + {what} needs {need}: make windows of "
-            f"{need} tokens (RegularizerConfig.window_tokens) or lower length / the gap range")
+            f"{need} tokens (RegularizerConfig.window_tokens) or lower length / the gap range"
+        )
 
 
 def _with_bos(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
@@ -181,13 +184,17 @@ def _short_logits(model: torch.nn.Module, b_in: torch.Tensor, first: int, k: int
 
 def _validate_batch(windows: torch.Tensor, config: RegularizerConfig, gap: int | None) -> None:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype.is_floating_point:
-        raise ValueError(f"windows must be an integer token tensor [batch, tokens], got "
-                         f"{getattr(windows, 'shape', type(windows))} {getattr(windows, 'dtype', '')}")
+        raise ValueError(
+            f"windows must be an integer token tensor [batch, tokens], got "
+            f"{getattr(windows, 'shape', type(windows))} {getattr(windows, 'dtype', '')}"
+        )
     if gap is not None:
         largest = config.length - min_short(config.length, config.min_ratio)
         if not 1 <= gap <= largest:
-            raise ValueError(f"gap={gap} must lie in [1, {largest}] for L={config.length} and "
-                             f"min_ratio={config.min_ratio}, else no position is shared")
+            raise ValueError(
+                f"gap={gap} must lie in [1, {largest}] for L={config.length} and "
+                f"min_ratio={config.min_ratio}, else no position is shared"
+            )
     check_windows(windows.shape[1], config, gap)
 
 

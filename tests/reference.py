@@ -25,4 +25,3 @@ def plain_nll(model, window: list[int], first_scored: int) -> torch.Tensor:
     logp = plain_token_logprobs(model, window)
     targets = torch.tensor(window[first_scored:])
     return -logp[first_scored - 1 : len(window) - 1].gather(1, targets[:, None])[:, 0].double()
-

@@ -119,9 +119,9 @@ def _govreport_like(tmp_path):
 
 def test_hub_documents_from_local_parquet_folder(tmp_path):
     folder, rows = _govreport_like(tmp_path)
-    ds = lds.hub_documents(
-        hf_dataset=str(folder), hf_config=None, split="test", text_field="report", **UNRELATED
-    )["test"]
+    ds = lds.hub_documents(hf_dataset=str(folder), hf_config=None, split="test", text_field="report", **UNRELATED)[
+        "test"
+    ]
     assert ds["text"] == [r["report"] for r in rows]
     assert ds["title"] == [f"{folder}[{i}]" for i in range(4)]
     assert ds.column_names[:2] == ["title", "text"] and "summary" in ds.column_names
@@ -181,9 +181,7 @@ def test_prepare_is_idempotent_and_fast(prepared):
     assert prepared.converted
     assert (prepared.gguf_dir / prepared.gguf_file).stat().st_size > 90_000_000
     assert prepared.model_args() == f"pretrained={prepared.model_dir},dtype=float32"
-    assert prepared.gguf_model_args() == (
-        f"pretrained={prepared.gguf_dir},gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    assert prepared.gguf_model_args() == (f"pretrained={prepared.gguf_dir},gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_play_title_fallback_from_file_name():

@@ -34,8 +34,7 @@ PPL_LOCAL, MIS_LOCAL = "longshort_ppl_local", "longshort_misalign_local"
 def evaluate(lm, tasks: list[str], metadata: dict, limit: int | None = 1, **kwargs) -> dict:
     """lm_eval.simple_evaluate with ``metadata`` merged over the YAMLs' metadata (as --metadata)."""
     tm = TaskManager(include_path=str(INSTALLED), include_defaults=False, metadata=metadata)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm,
-                                   bootstrap_iters=0, **kwargs)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, bootstrap_iters=0, **kwargs)
 
 
 def _responses(out: dict, task: str) -> list[dict]:
@@ -69,8 +68,11 @@ def test_short_document_is_skipped_counted_and_warned(hflm, local_files, caplog)
     assert tiny["skipped"] is True and tiny["title"] == "tiny.txt" and tiny["needed_tokens"] == 512
     assert tiny["n_tokens"] < 512 and "records" not in tiny
     assert long["skipped"] is False and long["title"] == "long.txt"
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno >= logging.WARNING and r.name.startswith("lm_eval_longshort")]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("lm_eval_longshort")
+    ]
     shortfall = [m for m in warnings if "tiny.txt" in m]
     assert shortfall, warnings
     assert f"{tiny['n_tokens']} tokens" in shortfall[0] and "needs 512" in shortfall[0], shortfall[0]
@@ -83,10 +85,13 @@ def test_short_document_is_skipped_counted_and_warned(hflm, local_files, caplog)
         assert res[key] == pytest.approx(ref[key], rel=1e-12), key  # the skipped doc changes nothing
 
 
-@pytest.mark.parametrize(("task", "meta", "needed"), [
-    (PPL_LOCAL, {"lengths": [64, 256]}, 512),
-    (MIS_LOCAL, {"lengths": [64]}, 64),
-])
+@pytest.mark.parametrize(
+    ("task", "meta", "needed"),
+    [
+        (PPL_LOCAL, {"lengths": [64, 256]}, 512),
+        (MIS_LOCAL, {"lengths": [64]}, 64),
+    ],
+)
 def test_no_usable_document_is_an_error(hflm, local_files, task, meta, needed):
     with pytest.raises(TooFewDocumentsError) as info:
         evaluate(hflm, [task], {**meta, "files": [str(local_files["tiny"])]}, limit=None)
@@ -99,10 +104,13 @@ def test_no_usable_document_is_an_error(hflm, local_files, task, meta, needed):
 # --------------------------------------------------------------------------- backend limits
 
 
-@pytest.mark.parametrize(("task", "meta", "needed"), [
-    (PPL, {"lengths": [64, 8192], "target_tokens": 256}, 8192 + 256 - 1),  # reads ids[C-L : C+W-1]
-    (MIS, {"lengths": [64, 8192]}, 8192),
-])
+@pytest.mark.parametrize(
+    ("task", "meta", "needed"),
+    [
+        (PPL, {"lengths": [64, 8192], "target_tokens": 256}, 8192 + 256 - 1),  # reads ids[C-L : C+W-1]
+        (MIS, {"lengths": [64, 8192]}, 8192),
+    ],
+)
 def test_length_above_backend_max_length_says_pass_max_length(hflm, task, meta, needed):
     assert hflm.max_length == 4096
     with pytest.raises(LengthLimitError, match=r"max_length=4096") as info:
@@ -127,23 +135,33 @@ def nan_lm(smol):
 
     _, tokenizer = smol
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     return HFLM(pretrained=model, tokenizer=tokenizer, max_length=512, batch_size=1)
 
 
-@pytest.mark.parametrize(("task", "meta"), [
-    (PPL, {"lengths": [16, 32], "target_tokens": 8}),
-    (MIS, {"lengths": [16, 32], "pairs": 2}),
-])
+@pytest.mark.parametrize(
+    ("task", "meta"),
+    [
+        (PPL, {"lengths": [16, 32], "target_tokens": 8}),
+        (MIS, {"lengths": [16, 32], "pairs": 2}),
+    ],
+)
 def test_non_finite_logits_name_document_and_position(nan_lm, task, meta):
     with pytest.raises(NonFiniteLogitsError) as info:
         evaluate(nan_lm, [task], meta)
     message = str(info.value)
-    assert "document #0 (\"A Midsummer Night's Dream\")" in message, message
+    assert 'document #0 ("A Midsummer Night\'s Dream")' in message, message
     assert "non-finite logits at input position" in message and "dtype=float32" in message, message
 
 
@@ -164,8 +182,15 @@ def test_unknown_key_in_a_group_run_lists_every_known_key(hflm):
     with pytest.raises(ValueError, match=r"unknown metadata key\(s\) \['pair'\]") as info:
         evaluate(hflm, [PPL, MIS], {"lengths": [64], "pair": 2})
     message = str(info.value)
-    for listed in ("perplexity tasks: [", "'target_tokens'", "misalignment tasks: [", "'min_ratio'",
-                   "data keys: [", "'files'", "'hf_dataset'"):
+    for listed in (
+        "perplexity tasks: [",
+        "'target_tokens'",
+        "misalignment tasks: [",
+        "'min_ratio'",
+        "data keys: [",
+        "'files'",
+        "'hf_dataset'",
+    ):
         assert listed in message, (listed, message)
 
 
@@ -177,26 +202,40 @@ def test_unknown_key_misalignment_lists_its_keys(hflm):
 
 def test_model_args_and_other_family_keys_are_not_errors(hflm, assets):
     """lm-eval merges --model_args into task metadata; a group's --metadata reaches both families."""
-    meta = {"lengths": [32], "target_tokens": 8,
-            # what `--model_args pretrained=...,dtype=float32,max_length=4096,...` adds:
-            "pretrained": str(assets.model_dir), "dtype": "float32", "max_length": 4096, "batch_size": 1,
-            "trust_remote_code": True, "attn_implementation": "sdpa", "device": "cpu",
-            # misalignment keys in a perplexity task (a group run passes one --metadata to both):
-            "pairs": 2, "min_ratio": 0.5}
+    meta = {
+        "lengths": [32],
+        "target_tokens": 8,
+        # what `--model_args pretrained=...,dtype=float32,max_length=4096,...` adds:
+        "pretrained": str(assets.model_dir),
+        "dtype": "float32",
+        "max_length": 4096,
+        "batch_size": 1,
+        "trust_remote_code": True,
+        "attn_implementation": "sdpa",
+        "device": "cpu",
+        # misalignment keys in a perplexity task (a group run passes one --metadata to both):
+        "pairs": 2,
+        "min_ratio": 0.5,
+    }
     out = evaluate(hflm, [PPL], meta)
     res = out["results"][PPL]
     assert math.isfinite(res["ppl@32,none"]) and res["ppl@32,none"] > 1
     assert out["configs"][PPL]["metadata"]["pretrained"] == str(assets.model_dir)
 
 
-@pytest.mark.parametrize(("meta", "pattern"), [
-    ({"lengths": [8], "min_ratio": 0.5, "pairs": 5},
-     r"pairs=5 exceeds the 4 distinct short lengths in \[4, 7\] for L=8; lower pairs or min_ratio, or raise L"),
-    ({"lengths": [64], "min_ratio": 0}, r"min_ratio=0\.0 must lie strictly between 0 and 1"),
-    ({"lengths": [64], "min_ratio": 1.5}, r"min_ratio=1\.5 must lie strictly between 0 and 1"),
-    ({"lengths": [1, 64]}, r"lengths=1 must be an integer >= 2"),
-    ({"lengths": [64], "mode": "dens"}, r"mode='dens' must be one of \('last', 'dense'\)"),
-])
+@pytest.mark.parametrize(
+    ("meta", "pattern"),
+    [
+        (
+            {"lengths": [8], "min_ratio": 0.5, "pairs": 5},
+            r"pairs=5 exceeds the 4 distinct short lengths in \[4, 7\] for L=8; lower pairs or min_ratio, or raise L",
+        ),
+        ({"lengths": [64], "min_ratio": 0}, r"min_ratio=0\.0 must lie strictly between 0 and 1"),
+        ({"lengths": [64], "min_ratio": 1.5}, r"min_ratio=1\.5 must lie strictly between 0 and 1"),
+        ({"lengths": [1, 64]}, r"lengths=1 must be an integer >= 2"),
+        ({"lengths": [64], "mode": "dens"}, r"mode='dens' must be one of \('last', 'dense'\)"),
+    ],
+)
 def test_misalignment_settings_errors(hflm, meta, pattern):
     with pytest.raises(ValueError, match=pattern):
         evaluate(hflm, [MIS], meta)
@@ -210,21 +249,30 @@ def test_misalignment_pairs_at_the_limit_run(hflm):
     assert math.isfinite(out["results"][MIS]["symkl@8,none"])
 
 
-@pytest.mark.parametrize(("meta", "pattern"), [
-    ({"protocol": "sliding", "lengths": [64, 256], "stride": 100},
-     r"stride=100 exceeds window length 64: .*use stride <= min\(lengths\)"),
-    ({"lengths": [1, 64]}, r"lengths=1 must be an integer >= 2"),
-    ({"lengths": [64], "protocol": "slide"}, r"protocol='slide' must be one of \('ladder', 'truncate', 'sliding'\)"),
-    ({"lengths": [64], "target_tokens": 0}, r"target_tokens=0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("meta", "pattern"),
+    [
+        (
+            {"protocol": "sliding", "lengths": [64, 256], "stride": 100},
+            r"stride=100 exceeds window length 64: .*use stride <= min\(lengths\)",
+        ),
+        ({"lengths": [1, 64]}, r"lengths=1 must be an integer >= 2"),
+        (
+            {"lengths": [64], "protocol": "slide"},
+            r"protocol='slide' must be one of \('ladder', 'truncate', 'sliding'\)",
+        ),
+        ({"lengths": [64], "target_tokens": 0}, r"target_tokens=0 must be an integer >= 1"),
+    ],
+)
 def test_perplexity_settings_errors(hflm, meta, pattern):
     with pytest.raises(ValueError, match=pattern):
         evaluate(hflm, [PPL], meta)
 
 
 def _sliding(hflm, stride: int) -> tuple[dict, dict]:
-    out = evaluate(hflm, [PPL], {"protocol": "sliding", "lengths": [32], "stride": stride, "max_doc_tokens": 96},
-                   log_samples=True)
+    out = evaluate(
+        hflm, [PPL], {"protocol": "sliding", "lengths": [32], "stride": stride, "max_doc_tokens": 96}, log_samples=True
+    )
     (response,) = _responses(out, PPL)
     (record,) = response["records"]
     return out["results"][PPL], record
@@ -243,4 +291,3 @@ def test_sliding_stride_equal_to_window_without_bos_is_an_error(hflm):
     # Without a BOS, a later window's first token has no context inside that window.
     with pytest.raises(ValueError, match=r"stride=32 with window L=32 and no BOS.*stride <= 31"):
         _sliding(hflm, 32)
-

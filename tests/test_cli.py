@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from reference import plain_nll, plain_token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +57,24 @@ def model_args(assets) -> str:
 
 
 def _lm_eval(model_args: str, tasks: str, meta: dict, limit: int, out: Path, *extra: str) -> dict:
-    proc = _run([LM_EVAL, "--model", "hf", "--model_args", model_args, "--tasks", tasks,
-                 "--limit", str(limit), "--metadata", json.dumps(meta), "--output_path", str(out), *extra])
+    proc = _run(
+        [
+            LM_EVAL,
+            "--model",
+            "hf",
+            "--model_args",
+            model_args,
+            "--tasks",
+            tasks,
+            "--limit",
+            str(limit),
+            "--metadata",
+            json.dumps(meta),
+            "--output_path",
+            str(out),
+            *extra,
+        ]
+    )
     results = sorted(glob.glob(str(out / "**" / "results_*.json"), recursive=True))
     assert len(results) == 1, results
     samples = {}
@@ -67,8 +82,13 @@ def _lm_eval(model_args: str, tasks: str, meta: dict, limit: int, out: Path, *ex
         task = re.match(r"samples_(.+)_\d{4}-\d\d-\d\dT", Path(path).name).group(1)
         with open(path, encoding="utf-8") as fh:
             samples[task] = [json.loads(line) for line in fh]
-    return {"results": json.loads(Path(results[0]).read_text()), "samples": samples,
-            "stderr": proc.stderr, "stdout": proc.stdout, "dir": out}
+    return {
+        "results": json.loads(Path(results[0]).read_text()),
+        "samples": samples,
+        "stderr": proc.stderr,
+        "stdout": proc.stdout,
+        "dir": out,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +100,16 @@ def group_run(model_args, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def ppl_run(model_args, tmp_path_factory) -> dict:
     """The perplexity task alone, from the repository's task_configs via --include_path."""
-    return _lm_eval(model_args, PPL, PPL_META, 2, tmp_path_factory.mktemp("ppl"), "--log_samples",
-                    "--include_path", str(TASK_CONFIGS))
+    return _lm_eval(
+        model_args,
+        PPL,
+        PPL_META,
+        2,
+        tmp_path_factory.mktemp("ppl"),
+        "--log_samples",
+        "--include_path",
+        str(TASK_CONFIGS),
+    )
 
 
 @pytest.fixture(scope="module", params=["group_run", "ppl_run"])
@@ -120,8 +148,16 @@ def test_ls_tasks_lists_installed_tasks_and_groups():
 
 def test_ppl_results_keys(any_run):
     res = any_run["results"]["results"][PPL]
-    for key in ("ppl@64,none", "ppl@256,none", "bpb@64,none", "bpb@256,none", "ppl@max,none",
-                "keyppl,none", "key_frac,none", "skipped_docs,none"):
+    for key in (
+        "ppl@64,none",
+        "ppl@256,none",
+        "bpb@64,none",
+        "bpb@256,none",
+        "ppl@max,none",
+        "keyppl,none",
+        "key_frac,none",
+        "skipped_docs,none",
+    ):
         assert key in res, f"{key} missing; got {sorted(res)}"
     for key in ("ppl@64,none", "ppl@256,none", "bpb@64,none", "bpb@256,none"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
@@ -252,7 +288,8 @@ def test_misalign_samples_pairs_and_means(group_run):
             assert len(mine) == PAIRS and len(set(shorts)) == PAIRS, mine
             # the documented draw: default_rng([seed, doc_index, L]).choice([ceil(L/2), L), pairs, no replace)
             expected = np.random.default_rng([1234, doc_index, length]).choice(
-                np.arange(math.ceil(0.5 * length), length), size=PAIRS, replace=False)
+                np.arange(math.ceil(0.5 * length), length), size=PAIRS, replace=False
+            )
             assert shorts == [int(x) for x in expected]
         for pair in pairs:
             assert set(pair) >= {"doc_index", "end", "long_len", "short_len", *MISALIGN_METRICS}, pair
@@ -346,8 +383,9 @@ def test_two_real_runs_measured_the_same_and_compare(group_run, ppl_run, tmp_pat
         assert abs(float(between["difference"])) <= 1e-6 * res[f"ppl@{length},none"], between
         assert between["n_docs"] == "2"
     within = diffs["g", "g", "ppl", str(C), str(min(LENGTHS))]
-    assert float(within["difference"]) == pytest.approx(res[f"ppl@{C},none"] - res[f"ppl@{min(LENGTHS)},none"],
-                                                        rel=1e-9)
+    assert float(within["difference"]) == pytest.approx(
+        res[f"ppl@{C},none"] - res[f"ppl@{min(LENGTHS)},none"], rel=1e-9
+    )
     assert math.isfinite(float(within["stderr"])) and float(within["stderr"]) > 0
 
 
@@ -361,8 +399,13 @@ def test_compare_refuses_real_results_with_other_lengths(group_run, tmp_path):
     other = tmp_path / "other" / "results_2020-01-01T00-00-00.json"
     other.parent.mkdir()
     other.write_text(json.dumps(data))
-    proc = subprocess.run([LONGSHORT, "compare", str(group_run["dir"]), str(other)], capture_output=True,
-                          text=True, env=_env(), timeout=120)
+    proc = subprocess.run(
+        [LONGSHORT, "compare", str(group_run["dir"]), str(other)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "keys differing: lengths" in proc.stderr, proc.stderr
     assert "with lengths [64, 192]" in proc.stderr and "Traceback" not in proc.stderr
     target = tmp_path / "two_groups.png"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from reference import plain_nll, plain_token_logprobs
 
-from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 from lm_eval_longshort.backends.hf import HFEngine
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES
+from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 from lm_eval_longshort.protocols.runner import Document, evaluate_documents
 from lm_eval_longshort.protocols.settings import parse_settings
 
@@ -24,7 +24,7 @@ def ids(smol, plays):
 def test_batched_equals_unbatched(smol, ids):
     model, tok = smol
     # Different lengths in one batch: rows are right-padded.
-    windows = [TargetWindow(ids[: n], score_from=1, bos=None, label=f"w{n}") for n in (600, 333, 120, 333)]
+    windows = [TargetWindow(ids[:n], score_from=1, bos=None, label=f"w{n}") for n in (600, 333, 120, 333)]
     prompts = [Prompt(ids[-n:], None, f"p{n}") for n in (500, 257, 256, 31)]
     one = HFEngine(model, tok, 1024, max_batch_rows=1, progress=False)
     many = HFEngine(model, tok, 1024, max_batch_rows=8, progress=False)
@@ -32,11 +32,13 @@ def test_batched_equals_unbatched(smol, ids):
     assert len(list(many._batches([len(w.tokens) for w in windows]))) == 1  # really one batch
     for a, b in zip(one.target_nll(windows), many.target_nll(windows), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(one.last_logprobs(prompts).numpy(), many.last_logprobs(prompts).numpy(),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        one.last_logprobs(prompts).numpy(), many.last_logprobs(prompts).numpy(), rtol=1e-4, atol=1e-4
+    )
     # And both equal the plain forward.
-    np.testing.assert_allclose(one.target_nll(windows[1:2])[0], plain_nll(model, ids[:333].tolist(), 1).numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        one.target_nll(windows[1:2])[0], plain_nll(model, ids[:333].tolist(), 1).numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_batched_misalignment_equals_unbatched(smol, plays):
@@ -47,11 +49,13 @@ def test_batched_misalignment_equals_unbatched(smol, plays):
     engine = HFEngine(model, tok, 1024, max_batch_rows=16, progress=False)
     many = evaluate_documents(engine, settings, docs, "t")
     # A task's batch_tokens applies to its own scoring only; the shared engine keeps its budget.
-    small = evaluate_documents(engine, parse_settings("misalign", {"lengths": [48, 128], "pairs": 3,
-                                                                   "batch_tokens": 130}), docs, "t")
+    small = evaluate_documents(
+        engine, parse_settings("misalign", {"lengths": [48, 128], "pairs": 3, "batch_tokens": 130}), docs, "t"
+    )
     assert engine.batch_tokens == 32768
     assert [p["symkl"] for d in small for p in d["pairs"]] == pytest.approx(
-        [p["symkl"] for d in many for p in d["pairs"]], rel=1e-3, abs=1e-6)
+        [p["symkl"] for d in many for p in d["pairs"]], rel=1e-3, abs=1e-6
+    )
     for doc_one, doc_many in zip(one, many, strict=True):
         for a, b in zip(doc_one["pairs"], doc_many["pairs"], strict=True):
             assert (a["long_len"], a["short_len"]) == (b["long_len"], b["short_len"])
@@ -63,9 +67,17 @@ def tiny_llama(tok, rope: dict | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rope_parameters=rope, initializer_range=0.5)  # large weights: position effects show
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters=rope,
+        initializer_range=0.5,
+    )  # large weights: position effects show
     return LlamaForCausalLM(config).eval()
 
 
@@ -120,8 +132,7 @@ def test_lm_eval_default_batch_size_batches_by_token_budget(smol, ids):
     model, tok = smol
     windows = [TargetWindow(ids[i : i + 90], score_from=1, bos=None, label=f"w{i}") for i in range(0, 60, 10)]
     default = HFEngine.from_hflm(HFLM(pretrained=model, tokenizer=tok, max_length=1024), progress=False)
-    capped = HFEngine.from_hflm(HFLM(pretrained=model, tokenizer=tok, max_length=1024, batch_size=4),
-                                progress=False)
+    capped = HFEngine.from_hflm(HFLM(pretrained=model, tokenizer=tok, max_length=1024, batch_size=4), progress=False)
     results = {}
     for name, engine in (("default", default), ("capped", capped)):
         decoder = CallCounter(model.get_decoder())
@@ -170,8 +181,9 @@ def test_dense_pairs_batched_across_documents(smol, plays):
     long_rows = plain_token_logprobs(model, [pair.bos, *pair.long_tokens.tolist()])
     short_rows = plain_token_logprobs(model, [pair.bos, *pair.short_tokens.tolist()])
     for k in (0, len(pair.long_positions) - 1):
-        want = numpy_divergences(long_rows[pair.long_positions[k] + 1].numpy(),
-                                 short_rows[pair.short_positions[k] + 1].numpy())
+        want = numpy_divergences(
+            long_rows[pair.long_positions[k] + 1].numpy(), short_rows[pair.short_positions[k] + 1].numpy()
+        )
         for name in METRIC_NAMES:
             assert values[name][k] == pytest.approx(want[name], rel=1e-3, abs=1e-5), name
 
@@ -183,8 +195,10 @@ def test_full_model_fallback_is_chunked_and_exact(smol, ids):
     split = HFEngine(model, tok, 1024, chunk_positions=32, progress=False)
     fallback = HFEngine(model, tok, 1024, chunk_positions=32, split_head=False, progress=False)
     assert split._split and not fallback._split
-    windows = [TargetWindow(ids[:150], score_from=1, bos=None, label="a"),
-               TargetWindow(ids[200:300], score_from=60, bos=1, label="b")]
+    windows = [
+        TargetWindow(ids[:150], score_from=1, bos=None, label="a"),
+        TargetWindow(ids[200:300], score_from=60, bos=1, label="b"),
+    ]
     prompts = [Prompt(ids[:77], None, "p"), Prompt(ids[10:50], 1, "q")]
     head = CallCounter(model.get_output_embeddings())
     got = fallback.target_nll(windows)
@@ -192,12 +206,13 @@ def test_full_model_fallback_is_chunked_and_exact(smol, ids):
     assert head.most_rows <= 32  # never more than chunk_positions rows of logits at once
     head.remove()
     np.testing.assert_allclose(got[0], plain_nll(model, ids[:150].tolist(), 1).numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got[1], plain_nll(model, [1, *ids[200:300].tolist()], 61).numpy(),
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(last[0].numpy(), plain_token_logprobs(model, ids[:77].tolist())[-1].numpy(),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(last[1].numpy(), plain_token_logprobs(model, [1, *ids[10:50].tolist()])[-1].numpy(),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], plain_nll(model, [1, *ids[200:300].tolist()], 61).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        last[0].numpy(), plain_token_logprobs(model, ids[:77].tolist())[-1].numpy(), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        last[1].numpy(), plain_token_logprobs(model, [1, *ids[10:50].tolist()])[-1].numpy(), rtol=1e-4, atol=1e-4
+    )
     pairs = dense_pairs_of(tok, plays=[{"text": tok.decode(ids)}] * 2, lengths=[96])[:1]
     for name, a in fallback.aligned_divergences(pairs)[0].items():
         np.testing.assert_allclose(a, split.aligned_divergences(pairs)[0][name], rtol=1e-3, atol=1e-6, err_msg=name)
@@ -210,9 +225,18 @@ def test_split_head_bounds_logit_rows_and_applies_softcapping(smol, plays):
 
     _, tok = smol
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                          final_logit_softcapping=2.0, initializer_range=0.5)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=2.0,
+        initializer_range=0.5,
+    )
     model = Gemma2ForCausalLM(config).eval()
     engine = HFEngine(model, tok, 512, chunk_positions=24, progress=False)
     assert engine._split

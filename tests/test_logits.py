@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-from lm_eval_longshort.protocols.requests import NonFiniteLogitsError
 from lm_eval_longshort.backends.logits import (
     OutputHead,
     OutputLayerNotFoundError,
@@ -19,22 +18,42 @@ from lm_eval_longshort.backends.logits import (
     load_output_head,
     logit_postprocessing,
 )
+from lm_eval_longshort.protocols.requests import NonFiniteLogitsError
 
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, max_position_embeddings=256)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=256,
+)
 
 CASES = {
     # name: (model class, config, what the case exercises)
     "llama untied": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL, tie_word_embeddings=False)),
     "llama tied": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)),
-    "gemma2 soft-capping": (transformers.Gemma2ForCausalLM,
-                            transformers.Gemma2Config(**SMALL, head_dim=32, final_logit_softcapping=2.0)),
+    "gemma2 soft-capping": (
+        transformers.Gemma2ForCausalLM,
+        transformers.Gemma2Config(**SMALL, head_dim=32, final_logit_softcapping=2.0),
+    ),
     "cohere logit_scale": (transformers.CohereForCausalLM, transformers.CohereConfig(**SMALL, logit_scale=0.5)),
-    "granite logits_scaling": (transformers.GraniteForCausalLM, transformers.GraniteConfig(**SMALL, logits_scaling=4.0)),
-    "gpt-neox embed_out": (transformers.GPTNeoXForCausalLM,
-                           transformers.GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                                      num_hidden_layers=2, num_attention_heads=2,
-                                                      tie_word_embeddings=False)),
+    "granite logits_scaling": (
+        transformers.GraniteForCausalLM,
+        transformers.GraniteConfig(**SMALL, logits_scaling=4.0),
+    ),
+    "gpt-neox embed_out": (
+        transformers.GPTNeoXForCausalLM,
+        transformers.GPTNeoXConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -73,23 +92,35 @@ def test_head_from_checkpoint_equals_the_models_logits(case, tmp_path):
 
 def test_missing_output_layer_names_what_is_missing(tmp_path):
     """An untied config whose checkpoint lacks lm_head (a base-model save), and a folder without weights."""
-    model = _saved(transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL, tie_word_embeddings=False), tmp_path)
+    model = _saved(
+        transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL, tie_word_embeddings=False), tmp_path
+    )
     model.model.save_pretrained(tmp_path / "base")  # decoder only: no lm_head.weight
     config = transformers.AutoConfig.from_pretrained(tmp_path)
-    with pytest.raises(OutputLayerNotFoundError, match=r"cannot find the model's untied output layer \(lm_head\).*lm_head\.weight"):
+    with pytest.raises(
+        OutputLayerNotFoundError, match=r"cannot find the model's untied output layer \(lm_head\).*lm_head\.weight"
+    ):
         load_output_head(tmp_path / "base", config)
     (tmp_path / "empty").mkdir()
     with pytest.raises(OutputLayerNotFoundError, match=r"no \*\.safetensors or \*\.bin weights"):
         load_output_head(tmp_path / "empty", config)
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    (transformers.FalconH1Config(lm_head_multiplier=0.5, architectures=["FalconH1ForCausalLM"]),
-     r"FalconH1ForCausalLM: its config sets lm_head_multiplier=0.5"),
-    (transformers.LlamaConfig(mup_width_multiplier=8.0, architectures=["Phi3SmallForCausalLM"]),
-     r"Phi3SmallForCausalLM: its config sets mup_width_multiplier=8.0"),
-    (transformers.LlamaConfig(architectures=["MiniCPMForCausalLM"]), r"MiniCPMForCausalLM divides hidden states"),
-], ids=["falcon-h1", "phi3-small", "minicpm"])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            transformers.FalconH1Config(lm_head_multiplier=0.5, architectures=["FalconH1ForCausalLM"]),
+            r"FalconH1ForCausalLM: its config sets lm_head_multiplier=0.5",
+        ),
+        (
+            transformers.LlamaConfig(mup_width_multiplier=8.0, architectures=["Phi3SmallForCausalLM"]),
+            r"Phi3SmallForCausalLM: its config sets mup_width_multiplier=8.0",
+        ),
+        (transformers.LlamaConfig(architectures=["MiniCPMForCausalLM"]), r"MiniCPMForCausalLM divides hidden states"),
+    ],
+    ids=["falcon-h1", "phi3-small", "minicpm"],
+)
 def test_unapplied_logit_postprocessing_is_refused_by_name(config, message):
     with pytest.raises(UnsupportedLogitsError, match=message):
         logit_postprocessing(config)

@@ -51,10 +51,12 @@ def ladder_spec() -> list[str]:
 
 def ladder_code() -> list[str]:
     s = PerplexitySettings(lengths=LENGTHS, target_tokens=W)
-    lines = [f"needs {perplexity.needed_tokens(s)} tokens; longest input {perplexity.longest_input(s, None)} "
-             f"tokens ({perplexity.longest_input(s, BOS)} with a BOS)"]
+    lines = [
+        f"needs {perplexity.needed_tokens(s)} tokens; longest input {perplexity.longest_input(s, None)} "
+        f"tokens ({perplexity.longest_input(s, BOS)} with a BOS)"
+    ]
     for n, w in zip(LENGTHS, perplexity.ladder_windows(IDS, s, None, "doc"), strict=True):
-        lines.append(f"L={n}: reads {span(fed(w))}, scores {span(w.tokens[w.score_from:])}")
+        lines.append(f"L={n}: reads {span(fed(w))}, scores {span(w.tokens[w.score_from :])}")
     return lines
 
 
@@ -69,16 +71,18 @@ def truncate_code() -> list[str]:
     s = PerplexitySettings(lengths=LENGTHS, protocol="truncate")
     plain = perplexity.truncate_windows(IDS, s, None, "doc", False)
     with_bos = perplexity.truncate_windows(IDS, s, BOS, "doc", False)
-    lines = [f"L={n}: reads {span(fed(a))}, scores {span(a.tokens[a.score_from:])}; "
-             f"with a BOS: scores {span(b.tokens[b.score_from:])}"
-             for n, a, b in zip(LENGTHS, plain, with_bos, strict=True)]
+    lines = [
+        f"L={n}: reads {span(fed(a))}, scores {span(a.tokens[a.score_from :])}; "
+        f"with a BOS: scores {span(b.tokens[b.score_from :])}"
+        for n, a, b in zip(LENGTHS, plain, with_bos, strict=True)
+    ]
     (one,) = perplexity.truncate_windows(IDS, s, None, "doc", True)
     nlls = [np.arange(1.0, len(one.tokens) - one.score_from + 1)]  # [C - 1] a distinct NLL per target
     records = perplexity.truncate_summarize(IDS, nlls, s, None, lambda ids: "x" * len(ids))["records"]
     for record in records:  # the kept NLLs are the first n_targets of the pass: 1 + 2 + ... + n
         assert record["nll_sum"] == pytest.approx(record["n_targets"] * (record["n_targets"] + 1) / 2)
     kept = ", ".join(f"L={r['L']} keeps the first {r['n_targets']}" for r in records)
-    return lines + [f"single pass: reads {span(fed(one))}, scores {span(one.tokens[one.score_from:])}; {kept}"]
+    return lines + [f"single pass: reads {span(fed(one))}, scores {span(one.tokens[one.score_from :])}; {kept}"]
 
 
 def sliding_windows_spec(n_doc: int, length: int, stride: int, first: int) -> list[tuple[int, int, int]]:
@@ -98,8 +102,10 @@ def sliding_spec() -> list[str]:
     lines = []
     for prefix, n_doc, lengths in (("", len(IDS), LENGTHS), ("max_doc_tokens=18, ", 18, (8,))):
         for n in lengths:
-            lines += [f"{prefix}L={n} S={n // 2}: window ids[{b}:{e}] scores ids[{f}:{e}]"
-                      for b, e, f in sliding_windows_spec(n_doc, n, n // 2, 1)]
+            lines += [
+                f"{prefix}L={n} S={n // 2}: window ids[{b}:{e}] scores ids[{f}:{e}]"
+                for b, e, f in sliding_windows_spec(n_doc, n, n // 2, 1)
+            ]
     lines += [f"with a BOS: L={n} first window scores ids[0:{n}]" for n in LENGTHS]
     return lines
 
@@ -111,16 +117,17 @@ def sliding_code() -> list[str]:
         windows = perplexity.sliding_windows(IDS, s, None, "doc")
         for w in windows:
             n = int(w.label.split("L=")[1].split("@")[0])
-            lines.append(f"{prefix}L={n} S={s.stride_for(n)}: window {span(fed(w))} "
-                         f"scores {span(w.tokens[w.score_from:])}")
+            lines.append(
+                f"{prefix}L={n} S={s.stride_for(n)}: window {span(fed(w))} scores {span(w.tokens[w.score_from :])}"
+            )
         n_doc = min(len(IDS), s.doc_tokens_cap())
         for n in lengths:  # invariant: each length scores ids[1:D] exactly once
-            scored = np.concatenate([w.tokens[w.score_from:] for w in windows if f"L={n}@" in w.label])
+            scored = np.concatenate([w.tokens[w.score_from :] for w in windows if f"L={n}@" in w.label])
             assert np.array_equal(scored, np.arange(1, n_doc))
     s = PerplexitySettings(lengths=LENGTHS, protocol="sliding")
     for n in LENGTHS:
         first = next(w for w in perplexity.sliding_windows(IDS, s, BOS, "doc") if w.label.endswith(f"L={n}@0"))
-        lines.append(f"with a BOS: L={n} first window scores {span(first.tokens[first.score_from:])}")
+        lines.append(f"with a BOS: L={n} first window scores {span(first.tokens[first.score_from :])}")
     return lines
 
 
@@ -175,7 +182,7 @@ def last_spec() -> list[str]:
     for doc in DOCS:
         for n in LENGTHS:
             shorts = rng(doc, n).choice(np.arange(math.ceil(0.5 * n), n), size=PAIRS, replace=False)
-            parts = ", ".join(f"l={l} ids[{C - l}:{C}]" for l in shorts)
+            parts = ", ".join(f"l={short} ids[{C - short}:{C}]" for short in shorts)
             lines.append(f"doc {doc}, L={n}: long ids[{C - n}:{C}]; short {parts}")
     return lines
 
@@ -206,9 +213,11 @@ def dense_spec(ratio: float, docs) -> list[str]:
             top = min(n // 2, n - low)
             gap = int(rng(doc, n).integers(1, top + 1))
             t = [i for i in range(n) if i >= gap and i + 1 - gap >= low]  # positions both windows reach
-            lines.append(f"{prefix}doc {doc}, L={n}: e={gap} of [1, {top}], A=ids[0:{n}], B=ids[{gap}:{gap + n}], "
-                         f"t={t[0]}..{t[-1]}, B positions {t[0] - gap}..{t[-1] - gap}, "
-                         f"long context {t[0] + 1}..{t[-1] + 1}, short context {t[0] + 1 - gap}..{t[-1] + 1 - gap}")
+            lines.append(
+                f"{prefix}doc {doc}, L={n}: e={gap} of [1, {top}], A=ids[0:{n}], B=ids[{gap}:{gap + n}], "
+                f"t={t[0]}..{t[-1]}, B positions {t[0] - gap}..{t[-1] - gap}, "
+                f"long context {t[0] + 1}..{t[-1] + 1}, short context {t[0] + 1 - gap}..{t[-1] + 1 - gap}"
+            )
             needs = max(needs, n + gap)
         lines.append(f"{prefix}doc {doc}: needs {needs} tokens")
     return lines
@@ -225,10 +234,12 @@ def dense_code(ratio: float, docs) -> list[str]:
             a, b = pair.long_positions, pair.short_positions  # [k] each, aligned
             assert np.array_equal(pair.long_tokens[a], pair.short_tokens[b])  # same document token
             assert group["n_positions"] == len(a) and group["long_ctx"] == [int(a[0]) + 1, int(a[-1]) + 1]
-            lines.append(f"{prefix}doc {doc}, L={n}: e={gap} of [1, {misalignment.max_gap(s, n)}], "
-                         f"A={span(pair.long_tokens)}, B={span(pair.short_tokens)}, t={a[0]}..{a[-1]}, "
-                         f"B positions {b[0]}..{b[-1]}, long context {group['long_ctx'][0]}..{group['long_ctx'][1]}, "
-                         f"short context {group['short_ctx'][0]}..{group['short_ctx'][1]}")
+            lines.append(
+                f"{prefix}doc {doc}, L={n}: e={gap} of [1, {misalignment.max_gap(s, n)}], "
+                f"A={span(pair.long_tokens)}, B={span(pair.short_tokens)}, t={a[0]}..{a[-1]}, "
+                f"B positions {b[0]}..{b[-1]}, long context {group['long_ctx'][0]}..{group['long_ctx'][1]}, "
+                f"short context {group['short_ctx'][0]}..{group['short_ctx'][1]}"
+            )
         lines.append(f"{prefix}doc {doc}: needs {misalignment.needed_tokens(s, doc)} tokens")
     return lines
 

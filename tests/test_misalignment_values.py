@@ -23,12 +23,12 @@ def spec_rng(doc_index: int, length: int) -> np.random.Generator:
 def test_last_mode_matches_plain_forward(hflm, smol, plays):
     model, tok = smol
     lengths, pairs, ratio = [64, 256], 3, 0.5
-    results, samples = evaluate(hflm, "longshort_misalign_shakespeare",
-                                {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio})
+    results, samples = evaluate(
+        hflm, "longshort_misalign_shakespeare", {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio}
+    )
     end = max(lengths)
     expected = {n: [] for n in lengths}
-    logged = sorted((p for s in samples for p in response(s)["pairs"]),
-                    key=lambda p: (p["doc_index"], p["long_len"]))
+    logged = sorted((p for s in samples for p in response(s)["pairs"]), key=lambda p: (p["doc_index"], p["long_len"]))
     for doc_index, play in enumerate(plays[:2]):
         ids = tok(play["text"], add_special_tokens=False)["input_ids"]
         for n in lengths:
@@ -49,16 +49,18 @@ def test_last_mode_matches_plain_forward(hflm, smol, plays):
             mean = np.mean([want[name] for _, _, want in expected[n]])
             assert metric(results, f"{name}@{n}") == pytest.approx(mean, rel=1e-3, abs=1e-6), name
     # Same seed, same numbers, run after run.
-    again, _ = evaluate(hflm, "longshort_misalign_shakespeare",
-                        {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio})
+    again, _ = evaluate(
+        hflm, "longshort_misalign_shakespeare", {"mode": "last", "lengths": lengths, "pairs": pairs, "min_ratio": ratio}
+    )
     assert {k: v for k, v in again.items() if "@" in k} == {k: v for k, v in results.items() if "@" in k}
 
 
 def test_dense_mode_matches_plain_forward(hflm, smol, plays):
     model, tok = smol
     lengths, ratio = [64, 160], 0.5
-    results, samples = evaluate(hflm, "longshort_misalign_shakespeare",
-                                {"mode": "dense", "lengths": lengths, "min_ratio": ratio})
+    results, samples = evaluate(
+        hflm, "longshort_misalign_shakespeare", {"mode": "dense", "lengths": lengths, "min_ratio": ratio}
+    )
     groups = {(g["doc_index"], g["L"]): g for s in samples for g in response(s)["groups"]}
     for n in lengths:
         sums, count = dict.fromkeys(NAMES, 0.0), 0
@@ -86,9 +88,9 @@ def test_dense_mode_matches_plain_forward(hflm, smol, plays):
 
 def test_identical_short_input_gives_zero_divergence(smol, plays):
     """Invariant on the engine: comparing an input with itself gives symkl = js = tv = 0, top1 = 1."""
-    from lm_eval_longshort.protocols.requests import Prompt
     from lm_eval_longshort.backends.hf import HFEngine
     from lm_eval_longshort.numerics.divergences import all_divergences
+    from lm_eval_longshort.protocols.requests import Prompt
 
     model, tok = smol
     ids = np.asarray(tok(plays[0]["text"], add_special_tokens=False)["input_ids"][:100])

@@ -15,12 +15,31 @@ META = {"lengths": [64, 256], "target_tokens": 32, "pairs": 2}
 
 
 def _run(args: list[str], out: Path, threads: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": threads}  # 2 processes on 2 cores: one thread each
-    model_args = subprocess.run([BIN / "lm-eval-longshort", "model-args"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    cmd = [*args, "--model", "hf", "--model_args", model_args, "--tasks", "longshort_shakespeare",
-           "--limit", "3", "--metadata", json.dumps(META), "--output_path", str(out)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": threads,
+    }  # 2 processes on 2 cores: one thread each
+    model_args = subprocess.run(
+        [BIN / "lm-eval-longshort", "model-args"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    cmd = [
+        *args,
+        "--model",
+        "hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "longshort_shakespeare",
+        "--limit",
+        "3",
+        "--metadata",
+        json.dumps(META),
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result_file,) = out.rglob("results_*.json")
@@ -30,8 +49,25 @@ def _run(args: list[str], out: Path, threads: str) -> dict:
 @pytest.mark.slow
 def test_two_cpu_processes_give_the_same_aggregates(tmp_path):
     one = _run([str(BIN / "lm_eval")], tmp_path / "one", "2")
-    two = _run([str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval"], tmp_path / "two", "1")
+    two = _run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--cpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "lm_eval",
+        ],
+        tmp_path / "two",
+        "1",
+    )
     assert two["n-samples"] == one["n-samples"]
     compared = set()
     for task in ("longshort_ppl_shakespeare", "longshort_misalign_shakespeare"):
@@ -47,8 +83,9 @@ def test_two_cpu_processes_give_the_same_aggregates(tmp_path):
         # Rank 0 records every rank's documents in the results JSON.
         info_one, info_two = one["configs"][task]["longshort"], two["configs"][task]["longshort"]
         assert info_two["measured"] == info_one["measured"]
-        assert [(d["doc_index"], d["sha1"]) for d in info_two["documents"]] == \
-            [(d["doc_index"], d["sha1"]) for d in info_one["documents"]]
+        assert [(d["doc_index"], d["sha1"]) for d in info_two["documents"]] == [
+            (d["doc_index"], d["sha1"]) for d in info_one["documents"]
+        ]
         assert len(info_one["documents"]) == 3
     lengths = META["lengths"]
     expected = {f"{m}@{n}" for m in ("ppl", "bpb", "sce", "symkl", "js", "top1", "tv") for n in lengths}

@@ -34,7 +34,9 @@ def check_task(results, samples, expected: dict[int, list[tuple[float, int, int]
             assert record["n_targets"] == n and record["n_bytes"] == nb
             assert record["doc_index"] == sample["doc_id"]
         total_nll = sum(x[0] for x in per_doc)
-        assert metric(results, f"ppl@{length}") == pytest.approx(math.exp(total_nll / sum(x[1] for x in per_doc)), rel=REL)
+        assert metric(results, f"ppl@{length}") == pytest.approx(
+            math.exp(total_nll / sum(x[1] for x in per_doc)), rel=REL
+        )
         bpb = total_nll / (math.log(2) * sum(x[2] for x in per_doc))
         assert metric(results, f"bpb@{length}") == pytest.approx(bpb, rel=REL)
     assert metric(results, "skipped_docs") == 0
@@ -44,8 +46,9 @@ def check_task(results, samples, expected: dict[int, list[tuple[float, int, int]
 def test_ladder_matches_plain_forward(hflm, smol, plays):
     model, tok = smol
     lengths, w = [64, 192, 512], 64
-    results, samples = evaluate(hflm, "longshort_ppl_shakespeare",
-                                {"protocol": "ladder", "lengths": lengths, "target_tokens": w})
+    results, samples = evaluate(
+        hflm, "longshort_ppl_shakespeare", {"protocol": "ladder", "lengths": lengths, "target_tokens": w}
+    )
     c = max(lengths)
     expected, key_stats = {n: [] for n in lengths}, []
     for play in plays[:2]:
@@ -81,8 +84,9 @@ def test_truncate_matches_plain_forward_and_single_pass(hflm, smol, plays):
     check_task(results, samples, expected)
 
     # Forcing per-length passes gives the same numbers as the default single pass.
-    per_length, _ = evaluate(hflm, "longshort_ppl_shakespeare",
-                             {"protocol": "truncate", "lengths": lengths, "single_pass": False})
+    per_length, _ = evaluate(
+        hflm, "longshort_ppl_shakespeare", {"protocol": "truncate", "lengths": lengths, "single_pass": False}
+    )
     for n in lengths:
         assert metric(per_length, f"ppl@{n}") == pytest.approx(metric(results, f"ppl@{n}"), rel=1e-5)
 
@@ -105,8 +109,9 @@ def independent_sliding(model, ids: list[int], window: int, stride: int) -> np.n
 def test_sliding_matches_plain_forward(hflm, smol, plays):
     model, tok = smol
     lengths, doc_cap = [64, 128], 300
-    results, samples = evaluate(hflm, "longshort_ppl_shakespeare",
-                                {"protocol": "sliding", "lengths": lengths, "max_doc_tokens": doc_cap})
+    results, samples = evaluate(
+        hflm, "longshort_ppl_shakespeare", {"protocol": "sliding", "lengths": lengths, "max_doc_tokens": doc_cap}
+    )
     expected = {n: [] for n in lengths}
     for play in plays[:2]:
         ids = doc_ids(tok, play["text"])[:doc_cap]

@@ -65,22 +65,40 @@ def mis_entry(symkl: dict[int, float], sce: dict[int, float] | None = None) -> d
     return entry
 
 
-def record(task: str, documents: list[dict] | None = None, backend: str = "hf", dtype: str = "float32",
-           **settings) -> dict:
+def record(
+    task: str, documents: list[dict] | None = None, backend: str = "hf", dtype: str = "float32", **settings
+) -> dict:
     """A ``configs[task]["longshort"]`` record; ``settings`` override the defaults below."""
     kind = "misalign" if "misalign" in task else "ppl"
-    resolved = {"lengths": [1024, 4096], "target_tokens": 256, "seed": 1234, "add_bos": "auto",
-                **({"pairs": 4, "mode": "last", "min_ratio": 0.5} if kind == "misalign" else {"protocol": "ladder"}),
-                **settings}
+    resolved = {
+        "lengths": [1024, 4096],
+        "target_tokens": 256,
+        "seed": 1234,
+        "add_bos": "auto",
+        **({"pairs": 4, "mode": "last", "min_ratio": 0.5} if kind == "misalign" else {"protocol": "ladder"}),
+        **settings,
+    }
     measured = {**resolved, "task": task, "data": {"corpus": "shakespeare"}, "documents": "d" * 40}
-    return {"format": 1, "kind": kind, "settings": {**resolved, "batch_tokens": 8192}, "measured": measured,
-            "documents": documents or [], "stderr": "delta",
-            "engine": {"backend": backend, "dtype": dtype, "model": "m", "fingerprint": "ab"}}
+    return {
+        "format": 1,
+        "kind": kind,
+        "settings": {**resolved, "batch_tokens": 8192},
+        "measured": measured,
+        "documents": documents or [],
+        "stderr": "delta",
+        "engine": {"backend": backend, "dtype": dtype, "model": "m", "fingerprint": "ab"},
+    }
 
 
-def write_results(root: Path, model_dir: str, results: dict, model_args: str | dict | None = None,
-                  stamp: str = "2025-06-01T12-00-00.000000", records: dict | None = None,
-                  legacy: bool = False) -> Path:
+def write_results(
+    root: Path,
+    model_dir: str,
+    results: dict,
+    model_args: str | dict | None = None,
+    stamp: str = "2025-06-01T12-00-00.000000",
+    records: dict | None = None,
+    legacy: bool = False,
+) -> Path:
     """Write one results file the way lm-eval's EvaluationTracker does.
 
     ``records`` map a task to its longshort record (default: ``record(task)``, so all runs
@@ -115,11 +133,21 @@ def write_results(root: Path, model_dir: str, results: dict, model_args: str | d
 @pytest.fixture
 def one_run(tmp_path: Path) -> Path:
     """A full run: ppl + misalign tasks, a NaN cell, a length only ppl has."""
-    return write_results(tmp_path, "smollm2-135m-instruct", {
-        PPL: ppl_entry({1024: 21.5, 4096: 18.25, 8192: 17.0}, bpb={1024: 1.25, 4096: 1.125},
-                       ppl_at_max=17.0, keyppl=3.5, key_frac=0.125, skipped_docs=2),
-        MIS: mis_entry({1024: 0.0625, 4096: math.nan}, sce={1024: 4.5, 4096: 4.75}),
-    })
+    return write_results(
+        tmp_path,
+        "smollm2-135m-instruct",
+        {
+            PPL: ppl_entry(
+                {1024: 21.5, 4096: 18.25, 8192: 17.0},
+                bpb={1024: 1.25, 4096: 1.125},
+                ppl_at_max=17.0,
+                keyppl=3.5,
+                key_frac=0.125,
+                skipped_docs=2,
+            ),
+            MIS: mis_entry({1024: 0.0625, 4096: math.nan}, sce={1024: 4.5, 4096: 4.75}),
+        },
+    )
 
 
 def three_models(root: Path) -> list[Path]:
@@ -129,8 +157,7 @@ def three_models(root: Path) -> list[Path]:
         "b": ({1024: 14.0, 4096: 13.0}, {1024: 0.03, 4096: 0.04}),
         "c": ({1024: 17.0, 4096: 25.0}, {1024: 0.04, 4096: 0.07}),
     }
-    return [write_results(root, name, {PPL: ppl_entry(p), MIS: mis_entry(m)})
-            for name, (p, m) in specs.items()]
+    return [write_results(root, name, {PPL: ppl_entry(p), MIS: mis_entry(m)}) for name, (p, m) in specs.items()]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -177,10 +204,15 @@ def test_none_filter_wins(tmp_path: Path):
 
 
 def test_label_variants(tmp_path: Path):
-    hub = write_results(tmp_path, "x", {PPL: ppl_entry({1024: 1.0})},
-                        model_args={"pretrained": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"})
-    gguf = write_results(tmp_path, "y", {PPL: ppl_entry({1024: 1.0})},
-                         model_args="pretrained=/m/smol/,gguf_file=/m/smol/model-f16.gguf")
+    hub = write_results(
+        tmp_path,
+        "x",
+        {PPL: ppl_entry({1024: 1.0})},
+        model_args={"pretrained": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"},
+    )
+    gguf = write_results(
+        tmp_path, "y", {PPL: ppl_entry({1024: 1.0})}, model_args="pretrained=/m/smol/,gguf_file=/m/smol/model-f16.gguf"
+    )
     runs = load_runs([hub, gguf])
     assert [r.label for r in runs] == ["SmolLM2-135M", "smol:model-f16.gguf"]
     assert [r.label for r in load_runs([hub, gguf], labels=["one", "two"])] == ["one", "two"]
@@ -403,9 +435,14 @@ def test_compare_skips_nan_and_uses_bpb(tmp_path: Path):
 
 def test_compare_errors_and_task_choice(tmp_path: Path):
     other = "longshort_ppl_pg19"
-    paths = [write_results(tmp_path, name, {PPL: ppl_entry({1024: v}), other: ppl_entry({1024: v + 1}),
-                                            MIS: mis_entry({1024: v / 100})})
-             for name, v in (("a", 10.0), ("b", 12.0), ("c", 11.0))]
+    paths = [
+        write_results(
+            tmp_path,
+            name,
+            {PPL: ppl_entry({1024: v}), other: ppl_entry({1024: v + 1}), MIS: mis_entry({1024: v / 100})},
+        )
+        for name, v in (("a", 10.0), ("b", 12.0), ("c", 11.0))
+    ]
     runs = load_runs(paths)
     with pytest.raises(reporting.ReportingError, match="--ppl-task"):
         compare_runs(runs)
@@ -452,8 +489,10 @@ def _mixed_lengths(root: Path) -> list[Path]:
     specs = {"a": ([128, 256], 20.0), "b": ([128, 256], 14.0), "c": ([128, 192], 17.0)}
     paths = []
     for name, (lengths, v) in specs.items():
-        results = {PPL: ppl_entry({L: v + i for i, L in enumerate(lengths)}),
-                   MIS: mis_entry({L: v / 100 for L in lengths})}
+        results = {
+            PPL: ppl_entry({L: v + i for i, L in enumerate(lengths)}),
+            MIS: mis_entry({L: v / 100 for L in lengths}),
+        }
         records = {PPL: record(PPL, lengths=lengths), MIS: record(MIS, lengths=lengths)}
         paths.append(write_results(root, name, results, records=records))
     return paths
@@ -475,9 +514,11 @@ def test_groups_name_nested_data_keys_and_document_sets(tmp_path: Path):
     other_files["measured"]["data"] = {"files": "docs/*.txt"}
     other_docs = record(PPL)
     other_docs["measured"]["documents"] = "e" * 40  # e.g. another --limit
-    paths = [write_results(tmp_path, "a", {PPL: ppl_entry({1024: 3.0})}),
-             write_results(tmp_path, "b", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_files}),
-             write_results(tmp_path, "c", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_docs})]
+    paths = [
+        write_results(tmp_path, "a", {PPL: ppl_entry({1024: 3.0})}),
+        write_results(tmp_path, "b", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_files}),
+        write_results(tmp_path, "c", {PPL: ppl_entry({1024: 3.0})}, records={PPL: other_docs}),
+    ]
     text = reporting.describe_all(load_runs(paths))
     assert "keys differing: data.corpus, data.files, documents" in text
     assert 'group 2: run b with no data.corpus, data.files "docs/*.txt", documents "dddddddddddd..."' in text
@@ -492,8 +533,7 @@ def test_legacy_results_load_as_their_own_group(tmp_path: Path):
     assert runs[0].longshort[PPL] is None and runs[0].measured(PPL) is None
     assert (runs[0].backend, runs[0].dtype) == ("hf", "float32")  # from lm-eval's config
     assert runs[0].per_length[PPL]["ppl"] == {1024: 3.0}
-    assert "run old settings unknown (results file written before the longshort record" in \
-        reporting.describe_all(runs)
+    assert "run old settings unknown (results file written before the longshort record" in reporting.describe_all(runs)
     with pytest.raises(reporting.ReportingError, match="settings unknown"):
         compare_runs(runs)
 
@@ -513,8 +553,12 @@ def test_compare_refuses_runs_that_measured_different_things(tmp_path: Path, cap
 
 def test_report_keeps_groups_apart_and_shows_engines(tmp_path: Path, capsys):
     paths = _mixed_lengths(tmp_path)
-    vllm = write_results(tmp_path, "v", {PPL: ppl_entry({128: 9.0, 256: 8.0})},
-                         records={PPL: record(PPL, backend="vllm", dtype="bfloat16", lengths=[128, 256])})
+    vllm = write_results(
+        tmp_path,
+        "v",
+        {PPL: ppl_entry({128: 9.0, 256: 8.0})},
+        records={PPL: record(PPL, backend="vllm", dtype="bfloat16", lengths=[128, 256])},
+    )
     assert cli.main(["report", *map(str, paths), str(vllm)]) == 0
     out = capsys.readouterr().out
     assert "== a  [hf, float32]" in out and "== v  [vllm, bfloat16]" in out
@@ -534,8 +578,12 @@ def test_plot_error_bars_are_the_reported_stderrs():
 
     from lm_eval_longshort.reporting import plots
 
-    run = reporting.Run("r", Path("x.json"), per_length={PPL: {"ppl": {128: 30.0, 256: 20.0}}},
-                        stderr={PPL: {"ppl": {128: 1.5, 256: 0.25}}})
+    run = reporting.Run(
+        "r",
+        Path("x.json"),
+        per_length={PPL: {"ppl": {128: 30.0, 256: 20.0}}},
+        stderr={PPL: {"ppl": {128: 1.5, 256: 0.25}}},
+    )
     (series,) = plots._series([(run, PPL)], "ppl")
     ax = Figure().subplots()
     plots._draw_panel(ax, [series], "ppl", {"r": "C0"}, trained_context=None, subtitle="")
@@ -559,8 +607,9 @@ def _documents(rng, n_docs: int, lengths: list[int]) -> list[dict]:
             sums[f"bpb@{L}"] = [nll, n_targets * 4]
             n_pairs = int(rng.integers(1, 5))
             sums[f"symkl@{L}"] = [n_pairs * rng.uniform(0.0, 0.4), n_pairs]
-        docs.append({"doc_index": d, "title": f"t{d}", "sha1": f"{d:040x}", "n_tokens": 999,
-                     "skipped": False, "sums": sums})
+        docs.append(
+            {"doc_index": d, "title": f"t{d}", "sha1": f"{d:040x}", "n_tokens": 999, "skipped": False, "sums": sums}
+        )
     docs.append({"doc_index": n_docs, "title": "short", "sha1": "f" * 40, "n_tokens": 9, "skipped": True})
     return docs
 
@@ -589,7 +638,8 @@ def delta_paired(x: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, floa
     the per-document vectors (a_x, b_x, a_y, b_y).
     """
     f, df = {"ppl": (np.exp, np.exp), "bpb": (lambda r: r / np.log(2), lambda r: 1 / np.log(2))}.get(
-        metric, (lambda r: r, lambda r: 1.0))
+        metric, (lambda r: r, lambda r: 1.0)
+    )
     means = np.concatenate([x, y], axis=1).mean(axis=0)
     rx, ry = means[0] / means[1], means[2] / means[3]
     grad = np.array([df(rx) / means[1], -df(rx) * rx / means[1], -df(ry) / means[3], df(ry) * ry / means[3]])
@@ -607,8 +657,10 @@ def test_paired_differences_match_a_direct_computation(tmp_path: Path):
     docs_a, docs_b = _documents(rng, 6, lengths), _documents(rng, 6, lengths)
     for doc_a, doc_b in zip(docs_a, docs_b):  # the same documents, scored by two models
         doc_b.update({k: doc_a[k] for k in ("doc_index", "sha1", "skipped")})
-    paths = [_run_with_documents(tmp_path, "a", docs_a, lengths),
-             _run_with_documents(tmp_path, "b", docs_b[::-1], lengths)]  # other order: matched by key
+    paths = [
+        _run_with_documents(tmp_path, "a", docs_a, lengths),
+        _run_with_documents(tmp_path, "b", docs_b[::-1], lengths),
+    ]  # other order: matched by key
     result = compare_runs(load_runs(paths), misalign_metric="symkl", ppl_metric="ppl")
 
     between = {(d.label, d.versus, d.metric, d.length): d for d in result.between_runs}
@@ -619,8 +671,9 @@ def test_paired_differences_match_a_direct_computation(tmp_path: Path):
         want, want_se = delta_paired(np.array([sb[i] for i in order]), np.array([sa[i] for i in order]), metric)
         assert diff.n_docs == 6 and diff.versus_length == L
         assert diff.difference == pytest.approx(want, rel=1e-12)
-        assert diff.difference == pytest.approx(_values(docs_b, f"{metric}@{L}", metric)
-                                                - _values(docs_a, f"{metric}@{L}", metric), rel=1e-12)
+        assert diff.difference == pytest.approx(
+            _values(docs_b, f"{metric}@{L}", metric) - _values(docs_a, f"{metric}@{L}", metric), rel=1e-12
+        )
         assert diff.stderr == pytest.approx(want_se, rel=1e-9) and diff.stderr > 0
 
     within = {(d.label, d.metric): d for d in result.between_lengths}
@@ -629,8 +682,9 @@ def test_paired_differences_match_a_direct_computation(tmp_path: Path):
         docs = docs_a if label == "a" else docs_b
         s_long, s_short = _sums(docs, f"{metric}@256"), _sums(docs, f"{metric}@128")
         order = sorted(s_long)
-        want, want_se = delta_paired(np.array([s_long[i] for i in order]),
-                                     np.array([s_short[i] for i in order]), metric)
+        want, want_se = delta_paired(
+            np.array([s_long[i] for i in order]), np.array([s_short[i] for i in order]), metric
+        )
         assert (diff.versus, diff.length, diff.versus_length) == (label, 256, 128)
         assert diff.difference == pytest.approx(want, rel=1e-12)
         assert diff.stderr == pytest.approx(want_se, rel=1e-9)
@@ -655,8 +709,10 @@ def test_compare_prints_engines_differences_and_writes_them(tmp_path: Path, caps
     rng = np.random.default_rng(5)
     docs_a = _documents(rng, 3, [128, 256])
     docs_b = [{**d, "sums": {k: [v[0] * 1.1, v[1]] for k, v in d.get("sums", {}).items()}} for d in docs_a]
-    paths = [_run_with_documents(tmp_path, "a", docs_a, [128, 256]),
-             _run_with_documents(tmp_path, "b", docs_b, [128, 256])]
+    paths = [
+        _run_with_documents(tmp_path, "a", docs_a, [128, 256]),
+        _run_with_documents(tmp_path, "b", docs_b, [128, 256]),
+    ]
     csv_path = tmp_path / "cmp.csv"
     assert cli.main(["compare", *map(str, paths), "--csv", str(csv_path), "--markdown", str(tmp_path / "c.md")]) == 0
     out = capsys.readouterr().out
@@ -668,7 +724,8 @@ def test_compare_prints_engines_differences_and_writes_them(tmp_path: Path, caps
         rows = list(csv.DictReader(fh))
     ppl_128 = next(r for r in rows if (r["label"], r["versus"], r["metric"], r["L"]) == ("b", "a", "ppl", "128"))
     assert float(ppl_128["difference"]) == pytest.approx(
-        _values(docs_b, "ppl@128", "ppl") - _values(docs_a, "ppl@128", "ppl"), rel=1e-12)
+        _values(docs_b, "ppl@128", "ppl") - _values(docs_a, "ppl@128", "ppl"), rel=1e-12
+    )
     assert "### Paired differences between runs" in (tmp_path / "c.md").read_text()
 
 
@@ -695,8 +752,7 @@ def test_cli_plot(tmp_path: Path, capsys):
 def test_cli_compare(tmp_path: Path, capsys):
     three_models(tmp_path / "res")
     csv_path, md_path = tmp_path / "cmp.csv", tmp_path / "cmp.md"
-    argv = ["compare", str(tmp_path / "res"), "--metric", "symkl", "--csv", str(csv_path),
-            "--markdown", str(md_path)]
+    argv = ["compare", str(tmp_path / "res"), "--metric", "symkl", "--csv", str(csv_path), "--markdown", str(md_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "pearson_r" in out and "pooled" in out
@@ -736,10 +792,13 @@ def test_subcommand_registry():
 # --------------------------------------------------------------------------- small things (issue 7, item 7)
 
 
-@pytest.mark.parametrize("name, says", [
-    ("x.pdfx", "matplotlib cannot write '.pdfx' files; use one of"),
-    ("noext", "no file extension; add one, e.g. -o {out}.png"),
-])
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("x.pdfx", "matplotlib cannot write '.pdfx' files; use one of"),
+        ("noext", "no file extension; add one, e.g. -o {out}.png"),
+    ],
+)
 def test_plot_bad_output_name_is_one_line_and_writes_nothing(tmp_path: Path, capsys, one_run: Path, name, says):
     out = tmp_path / "figs" / name
     assert cli.main(["plot", str(one_run), "-o", str(out)]) == 2
@@ -751,8 +810,11 @@ def test_plot_bad_output_name_is_one_line_and_writes_nothing(tmp_path: Path, cap
 
 
 def test_plot_all_nan_results_is_an_error_not_an_empty_figure(tmp_path: Path, capsys):
-    path = write_results(tmp_path, "m", {PPL: ppl_entry({128: math.nan, 256: math.nan}),
-                                         MIS: mis_entry({128: math.nan}, sce={128: math.nan})})
+    path = write_results(
+        tmp_path,
+        "m",
+        {PPL: ppl_entry({128: math.nan, 256: math.nan}), MIS: mis_entry({128: math.nan}, sce={128: math.nan})},
+    )
     out = tmp_path / "nan.png"
     assert cli.main(["plot", str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()

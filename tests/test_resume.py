@@ -24,8 +24,8 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-from lm_eval.tasks import TaskManager
 from harness_run import INSTALLED_TASKS as INSTALLED
+from lm_eval.tasks import TaskManager
 
 BIN = Path(sys.executable).parent
 PPL, PPL_LOCAL = "longshort_ppl_shakespeare", "longshort_ppl_local"
@@ -40,9 +40,24 @@ def _env() -> dict:
 
 
 def _command(model_args: str, cache: Path, out: Path) -> list[str]:
-    return [str(BIN / "lm_eval"), "--model", "hf", "--model_args", model_args, "--tasks", PPL,
-            "--limit", str(N_DOCS), "--metadata", json.dumps(META), "--use_cache", str(cache),
-            "--output_path", str(out), "--log_samples"]
+    return [
+        str(BIN / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        PPL,
+        "--limit",
+        str(N_DOCS),
+        "--metadata",
+        json.dumps(META),
+        "--use_cache",
+        str(cache),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
 
 
 def _stored(cache: Path) -> int:
@@ -72,14 +87,19 @@ def _results(out: Path) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def model_args(assets) -> str:
-    return subprocess.run([str(BIN / "lm-eval-longshort"), "model-args"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [str(BIN / "lm-eval-longshort"), "model-args"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_killed_run_resumes_per_document_with_identical_numbers(model_args, tmp_path):
     cache = tmp_path / "cache" / "smol"
-    proc = subprocess.Popen(_command(model_args, cache, tmp_path / "killed"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(model_args, cache, tmp_path / "killed"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600
     while _stored(cache) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -114,10 +134,14 @@ def _to_score(caplog, lm, tasks: list[str], meta: dict, cache: Path) -> list[tup
     tm = TaskManager(include_path=str(INSTALLED), include_defaults=False, metadata=meta)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lm_eval_longshort"):
-        lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=None, task_manager=tm, use_cache=str(cache),
-                                bootstrap_iters=0)
-    return [tuple(int(g) for g in RESUMED.search(r.getMessage()).groups())
-            for r in caplog.records if RESUMED.search(r.getMessage())]
+        lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, limit=None, task_manager=tm, use_cache=str(cache), bootstrap_iters=0
+        )
+    return [
+        tuple(int(g) for g in RESUMED.search(r.getMessage()).groups())
+        for r in caplog.records
+        if RESUMED.search(r.getMessage())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +172,5 @@ def test_same_inputs_hit_and_any_change_misses(hflm, smol, two_files, tmp_path, 
     assert _to_score(caplog, hflm, [PPL_LOCAL], meta, cache) == [(1, 2, 1)]
     # The same weights in another dtype: a different model.
     model, tokenizer = smol
-    bf16 = HFLM(pretrained=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tokenizer, max_length=4096,
-                batch_size=1)
+    bf16 = HFLM(pretrained=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tokenizer, max_length=4096, batch_size=1)
     assert _to_score(caplog, bf16, [PPL_LOCAL], meta, cache) == [(0, 2, 2)]

@@ -59,5 +59,9 @@ def test_disjoint_lists_put_everything_in_the_bucket():
 
 def test_shapes_must_match():
     with pytest.raises(ValueError, match=r"top-K shapes differ.*expected \[positions, K\]"):
-        coarse_topk_divergences(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4),
-                                torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5))
+        coarse_topk_divergences(
+            torch.zeros(3, 4, dtype=torch.long),
+            torch.zeros(3, 4),
+            torch.zeros(3, 5, dtype=torch.long),
+            torch.zeros(3, 5),
+        )

@@ -37,8 +37,15 @@ VOCAB = 61
 def tiny():
     """A 2-layer Llama with random weights (seeded), float32."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -53,7 +60,8 @@ def numpy_logsoftmax(logits: torch.Tensor) -> np.ndarray:
 
 
 def numpy_term(model, rows: torch.Tensor, length: int, gap: int, ratio: float, bos: int | None = None):
-    """(mean sce, mean symkl) over windows and compared positions, from plain forwards + numpy (docs/metrics.md dense)."""
+    """(mean sce, mean symkl) over windows and compared positions, from plain forwards + numpy
+    (docs/metrics.md, dense)."""
     sce, symkl = [], []
     pre = [] if bos is None else [bos]
     for row in rows.tolist():
@@ -79,9 +87,12 @@ def test_term_equals_dense_task_on_same_document_and_gap(hflm, smol, plays, tmp_
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
     lengths, ratio = [48, 80], 0.5
-    _, samples = evaluate(hflm, "longshort_misalign_local",
-                          {"files": str(tmp_path / "*.txt"), "mode": "dense", "lengths": lengths, "min_ratio": ratio},
-                          limit=None)
+    _, samples = evaluate(
+        hflm,
+        "longshort_misalign_local",
+        {"files": str(tmp_path / "*.txt"), "mode": "dense", "lengths": lengths, "min_ratio": ratio},
+        limit=None,
+    )
     groups = [g for s in samples for g in response(s)["groups"]]
     assert sorted((g["doc_index"], g["L"]) for g in groups) == [(0, 48), (0, 80), (1, 48), (1, 80)]
     for group in groups:
@@ -148,16 +159,29 @@ def test_gradient_reaches_parameters_through_both_inputs(tiny):
 
 def test_a_few_steps_lower_the_term_on_the_training_windows():
     torch.manual_seed(1)
-    config_ = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config_ = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     start = LlamaForCausalLM(config_)
     rows = windows(4, 48, seed=4)
     config = RegularizerConfig(length=32, alpha=3.0)
 
     def term_over_all_gaps(model) -> float:
         with torch.no_grad():
-            return float(np.mean([float(regularized_loss(model, rows, config, gap=g).misalign)
-                                  for g in range(config.gaps[0], config.gaps[1] + 1)]))
+            return float(
+                np.mean(
+                    [
+                        float(regularized_loss(model, rows, config, gap=g).misalign)
+                        for g in range(config.gaps[0], config.gaps[1] + 1)
+                    ]
+                )
+            )
 
     def trained(alpha: float):
         model = LlamaForCausalLM(config_)
@@ -183,9 +207,18 @@ def test_trainer_logs_both_terms_and_trains_on_their_sum(tiny, tmp_path):
     model = LlamaForCausalLM(tiny.config)
     model.load_state_dict(tiny.state_dict())
     data = [{"input_ids": row} for row in windows(6, 32, seed=5)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
-                             learning_rate=1e-3, seed=11, save_strategy="no", report_to="none", use_cpu=True,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        seed=11,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = MisalignmentTrainer(model=model, args=args, train_dataset=data, regularizer=config)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "lm_loss" in h]
@@ -221,10 +254,18 @@ def test_bad_input_fails_before_training(tiny, tmp_path):
     # Through the Trainer: the short windows are refused before the first step.
     model = LlamaForCausalLM(tiny.config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1,
-                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = MisalignmentTrainer(model=model, args=args, train_dataset=[{"input_ids": r} for r in windows(2, 40)],
-                                  regularizer=config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = MisalignmentTrainer(
+        model=model, args=args, train_dataset=[{"input_ids": r} for r in windows(2, 40)], regularizer=config
+    )
     with pytest.raises(ValueError, match=r"windows have 40 tokens"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -238,8 +279,14 @@ def test_bad_input_fails_before_training(tiny, tmp_path):
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lm_eval_longshort.cli", "finetune", *argv],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lm_eval_longshort.cli", "finetune", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_finetune_command_help_and_bad_alpha(assets, tmp_path):

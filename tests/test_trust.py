@@ -20,8 +20,8 @@ from harness_run import INSTALLED_TASKS as INSTALLED
 from harness_run import response
 from lm_eval.tasks import TaskManager
 
-from lm_eval_longshort.protocols.requests import LengthLimitError
 from lm_eval_longshort.harness.lm_method import TaskCheckError
+from lm_eval_longshort.protocols.requests import LengthLimitError
 from lm_eval_longshort.protocols.runner import TooFewDocumentsError
 
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
@@ -114,8 +114,14 @@ def test_no_stderr_when_lm_eval_bootstrap_is_off(hflm):
 
 
 def test_dense_high_min_ratio_leaves_positions_in_every_group(hflm):
-    out = evaluate(hflm, [MIS], {"lengths": [128, 256], "mode": "dense", "min_ratio": 0.9}, limit=2,
-                   log_samples=True, bootstrap_iters=0)
+    out = evaluate(
+        hflm,
+        [MIS],
+        {"lengths": [128, 256], "mode": "dense", "min_ratio": 0.9},
+        limit=2,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     res = out["results"][MIS]
     for metric in ("sce", "symkl", "js", "top1", "tv"):
         for length in (128, 256):
@@ -136,7 +142,8 @@ def forward_count(hflm):
     """Counts decoder forwards longer than the 16-token head check the engine makes once."""
     calls = []
     hook = hflm.model.model.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[-1]), with_kwargs=True
+    )
     yield lambda: sum(1 for n in calls if n > 16)
     hook.remove()
 
@@ -194,12 +201,15 @@ def test_data_key_on_a_task_that_does_not_read_it_is_an_error(hflm, doc_770):
     assert "longshort_*_local" in str(info.value)
 
 
-@pytest.mark.parametrize(("name", "payload", "pattern"), [
-    ("latin1.txt", "Ça va, naïve café\n".encode("latin-1"), r"is not UTF-8 text .*iconv"),
-    ("blob.txt", b"text\x00\x01\x02binary", r"looks binary \(NUL byte at offset 4\)"),
-    ("rows.jsonl", b'{"text": "caf\xe9"}\n', r"is not UTF-8 text"),
-    ("fake.parquet", b"not parquet at all", r"is not a parquet file"),
-])
+@pytest.mark.parametrize(
+    ("name", "payload", "pattern"),
+    [
+        ("latin1.txt", "Ça va, naïve café\n".encode("latin-1"), r"is not UTF-8 text .*iconv"),
+        ("blob.txt", b"text\x00\x01\x02binary", r"looks binary \(NUL byte at offset 4\)"),
+        ("rows.jsonl", b'{"text": "caf\xe9"}\n', r"is not UTF-8 text"),
+        ("fake.parquet", b"not parquet at all", r"is not a parquet file"),
+    ],
+)
 def test_unreadable_file_names_the_file(hflm, tmp_path, name, payload, pattern):
     path = tmp_path / name
     path.write_bytes(payload)
@@ -216,8 +226,9 @@ def test_compare_refuses_real_runs_that_measured_different_targets(hflm, group_r
     sit at C = max(lengths), so those are different tokens: compare must refuse and name `lengths`."""
     from lm_eval_longshort import cli
 
-    other = evaluate(hflm, [PPL, MIS], {"lengths": [32, 64], "target_tokens": 16, "pairs": 2}, limit=3,
-                     bootstrap_iters=100)
+    other = evaluate(
+        hflm, [PPL, MIS], {"lengths": [32, 64], "target_tokens": 16, "pairs": 2}, limit=3, bootstrap_iters=100
+    )
     files = []
     for name, out in (("a", group_run), ("b", other)):
         path = tmp_path / name / "results_2026-01-01T00-00-00.json"

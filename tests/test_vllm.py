@@ -36,8 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def engine_args(model_dir) -> dict:
-    return dict(pretrained=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, max_logprobs=-1,
-                gpu_memory_utilization=0.3, enforce_eager=True)
+    return dict(
+        pretrained=str(model_dir),
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        max_logprobs=-1,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +136,15 @@ def test_dense_topk_bounds_per_position(engines, doc_ids):
 # --------------------------------------------------------------------------- through lm-eval
 
 
-@pytest.mark.parametrize("meta", [
-    {"protocol": "ladder", "lengths": [64, 256], "target_tokens": 64},
-    {"protocol": "truncate", "lengths": [64, 256]},
-    {"protocol": "sliding", "lengths": [64, 128], "max_doc_tokens": 300},
-], ids=lambda m: m["protocol"])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"protocol": "ladder", "lengths": [64, 256], "target_tokens": 64},
+        {"protocol": "truncate", "lengths": [64, 256]},
+        {"protocol": "sliding", "lengths": [64, 128], "max_doc_tokens": 300},
+    ],
+    ids=lambda m: m["protocol"],
+)
 def test_perplexity_matches_hf(vllm_lm, hflm, meta):
     got, got_samples = evaluate(vllm_lm, PPL, meta)
     want, want_samples = evaluate(hflm, PPL, meta)
@@ -203,8 +213,9 @@ def test_engine_without_max_logprobs_minus_one_says_add_it(engines, doc_ids):
     config.max_logprobs = 20  # what an engine started without max_logprobs=-1 has
     try:
         with pytest.raises(Exception, match=r"greater than max allowed: 20"):  # vLLM's own check
-            engine.llm.generate([TokensPrompt(prompt_token_ids=ids.tolist())],
-                                SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)
+            engine.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids.tolist())], SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False
+            )
         with pytest.raises(ValueError, match=r"max_logprobs=20; add max_logprobs=-1 to --model_args"):
             engine.last_logprobs([Prompt(ids, None, "p")])
         with pytest.raises(ValueError, match=r"topk=32 .*max_logprobs=20; add max_logprobs=-1"):
@@ -220,10 +231,13 @@ def _window(ids):
     return TargetWindow(ids, score_from=1, bos=None, label="w")
 
 
-@pytest.mark.parametrize(("task", "meta", "needed"), [
-    (PPL, {"lengths": [64, 4096], "target_tokens": 256}, 4096 + 256 - 1),
-    (MIS, {"lengths": [64, 2048]}, 2048),  # = max_model_len: one token too many for vLLM
-])
+@pytest.mark.parametrize(
+    ("task", "meta", "needed"),
+    [
+        (PPL, {"lengths": [64, 4096], "target_tokens": 256}, 4096 + 256 - 1),
+        (MIS, {"lengths": [64, 2048]}, 2048),  # = max_model_len: one token too many for vLLM
+    ],
+)
 def test_length_beyond_max_model_len_names_the_fix(vllm_lm, task, meta, needed):
     from lm_eval_longshort.protocols.requests import LengthLimitError
 
@@ -249,10 +263,12 @@ def test_data_parallel_is_refused_with_the_alternatives():
 
 def test_package_imports_no_vllm():
     """Only backends/vllm.py imports vllm: the package works where vllm is not installed."""
-    code = ("import sys, lm_eval_longshort.harness.task, lm_eval_longshort.protocols.runner, "
-            "lm_eval_longshort.backends.hf, lm_eval_longshort.cli; "
-            "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, lm_eval_longshort.harness.task, lm_eval_longshort.protocols.runner, "
+        "lm_eval_longshort.backends.hf, lm_eval_longshort.cli; "
+        "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

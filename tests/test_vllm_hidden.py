@@ -32,8 +32,15 @@ DIV_ABS = DIV_REL = 1e-3
 
 
 def pooling_args(model_dir, **extra) -> dict:
-    return dict(pretrained=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.25,
-                enforce_eager=True, **POOLING, **extra)
+    return dict(
+        pretrained=str(model_dir),
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        gpu_memory_utilization=0.25,
+        enforce_eager=True,
+        **POOLING,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +51,18 @@ def untied(smol, tmp_path_factory):
 
     _, tokenizer = smol
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=MAX_MODEL_LEN,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_MODEL_LEN,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # peaked next-token distributions: divergences far above the tolerances
         model.lm_head.weight.normal_(0.0, 0.5)
@@ -94,8 +109,8 @@ def test_hidden_route_engine_facts(hidden_route):
 
 def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     """Engine level: BOS shift, feed_last both ways, a prompt filling max_model_len, last rows, dense pairs."""
-    from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
     from lm_eval_longshort.harness.lm_method import engine_for
+    from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
 
     lm, hf_lm, _ = hidden_route
     engine, hf = engine_for(lm), engine_for(hf_lm)
@@ -116,8 +131,10 @@ def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     assert got.dtype == torch.float32 and got.shape == want.shape == (3, engine.vocab_size)
     assert (got - want).abs().max().item() < 2e-4
     t = np.arange(150, 256)
-    pairs = [AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair"),
-             AlignedWindows(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair")]
+    pairs = [
+        AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair"),
+        AlignedWindows(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair"),
+    ]
     for a, b in zip(engine.aligned_divergences(pairs), hf.aligned_divergences(pairs), strict=True):
         assert a.keys() == b.keys()  # no error bounds: nothing is approximated
         for name in a:
@@ -133,7 +150,9 @@ HIDDEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("task", "meta"), HIDDEN_CASES, ids=lambda x: x.get("protocol", x.get("mode")) if isinstance(x, dict) else "")
+@pytest.mark.parametrize(
+    ("task", "meta"), HIDDEN_CASES, ids=lambda x: x.get("protocol", x.get("mode")) if isinstance(x, dict) else ""
+)
 def test_hidden_route_every_metric_equals_hf(hidden_route, task, meta):
     """Through lm_eval.simple_evaluate: every aggregate and every per-document record equals hf's."""
     lm, hf, docs = hidden_route
@@ -149,7 +168,9 @@ def test_hidden_route_every_metric_equals_hf(hidden_route, task, meta):
     if task == MIS:
         assert metric(got, "approximate") == 0.0 == metric(want, "approximate")
         assert max(metric(want, f"symkl@{n}") for n in meta["lengths"]) > 20 * DIV_ABS  # the check can fail
-    for a, b in zip(sorted(got_samples, key=lambda s: s["doc_id"]), sorted(want_samples, key=lambda s: s["doc_id"]), strict=True):
+    for a, b in zip(
+        sorted(got_samples, key=lambda s: s["doc_id"]), sorted(want_samples, key=lambda s: s["doc_id"]), strict=True
+    ):
         _records_match(logged_response(a), logged_response(b))
 
 
@@ -225,9 +246,16 @@ def test_pooling_engine_without_token_embed_says_what_to_add(hidden_route):
     lm.model.pooling_task, pooler.task = "embed", None
     try:
         with pytest.raises(ValueError, match=r'PoolerConfig\(task="token_embed"\)'):  # vLLM's own check
-            lm.model.encode([TokensPrompt(prompt_token_ids=[5, 6, 7])], pooling_task="token_embed",
-                            pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
-        expected = r"pooling task 'embed'.*add \"runner\": \"pooling\", \"convert\": \"embed\", \"pooler_config\": \{\"task\": \"token_embed\"\}"
+            lm.model.encode(
+                [TokensPrompt(prompt_token_ids=[5, 6, 7])],
+                pooling_task="token_embed",
+                pooling_params=PoolingParams(use_activation=False),
+                use_tqdm=False,
+            )
+        expected = (
+            r"pooling task 'embed'.*add \"runner\": \"pooling\", \"convert\": \"embed\", "
+            r"\"pooler_config\": \{\"task\": \"token_embed\"\}"
+        )
         with pytest.raises(ValueError, match=expected):
             VLLMEngine.from_lm_eval(lm)
     finally:

@@ -22,14 +22,32 @@ BIN = Path(sys.executable).parent
 
 
 def test_engine_seed_in_model_args_is_refused_for_misalignment(assets, tmp_path):
-    model_args = (f"pretrained={assets.model_dir},dtype=float32,max_model_len=256,max_logprobs=-1,"
-                  "gpu_memory_utilization=0.2,enforce_eager=True,seed=0")
+    model_args = (
+        f"pretrained={assets.model_dir},dtype=float32,max_model_len=256,max_logprobs=-1,"
+        "gpu_memory_utilization=0.2,enforce_eager=True,seed=0"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [str(BIN / "lm_eval"), "--model", "vllm", "--model_args", model_args, "--tasks",
-         "longshort_misalign_shakespeare", "--limit", "1", "--metadata", json.dumps({"lengths": [32], "pairs": 2}),
-         "--output_path", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            str(BIN / "lm_eval"),
+            "--model",
+            "vllm",
+            "--model_args",
+            model_args,
+            "--tasks",
+            "longshort_misalign_shakespeare",
+            "--limit",
+            "1",
+            "--metadata",
+            json.dumps({"lengths": [32], "pairs": 2}),
+            "--output_path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "seed=0 is also the vLLM engine's seed" in proc.stderr, proc.stderr[-3000:]
     assert "--metadata '{\"seed\": N}'" in proc.stderr

@@ -50,8 +50,21 @@ def lm_eval_cli_vllm(model_args: str, tasks: str, metadata: dict, out: Path) -> 
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "vllm", "--model_args", model_args, "--tasks",
-           tasks, "--limit", "1", "--metadata", json.dumps(metadata), "--output_path", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "vllm",
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--limit",
+        "1",
+        "--metadata",
+        json.dumps(metadata),
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 from lm_eval_longshort.backends.hf import HFEngine
+from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (spec sheet); a measured 8k matmul reaches ~790e12
 
@@ -35,13 +35,27 @@ def build_model(tiny: bool, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny:
-        config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+        config = LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=65536,
+        )
     else:  # Llama-3.2-1B shapes
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                             tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            tie_word_embeddings=True,
+        )
     config._attn_implementation = "sdpa"
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
@@ -50,7 +64,8 @@ def build_model(tiny: bool, device: str):
 
 
 def flops_per_forward(config, n_params_body: int, tokens: int, scored: int) -> float:
-    """2·params per token (matmuls) + causal attention (QK^T and AV over T/2 keys on average) + LM head at scored rows."""
+    """2·params per token (matmuls) + causal attention (QK^T and AV over T/2 keys on average)
+    + LM head at scored rows."""
     matmuls = 2 * n_params_body * tokens
     attention = 2 * 2 * config.num_hidden_layers * config.hidden_size * tokens * (tokens / 2)
     head = 2 * config.vocab_size * config.hidden_size * scored
@@ -84,8 +99,10 @@ def main() -> None:
     model, config = build_model(args.tiny, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_body = n_params - config.vocab_size * config.hidden_size  # tied embedding/head counted once, as the head
-    print(f"model: {n_params / 1e9:.3f}B params, device {device}, "
-          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(
+        f"model: {n_params / 1e9:.3f}B params, device {device}, "
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}"
+    )
     engine = HFEngine(model, NoTokenizer(), max(lengths) + 1, batch_tokens=max(lengths), progress=False)
     rng = np.random.default_rng(0)
     rows = []
@@ -100,32 +117,70 @@ def main() -> None:
         for name, (windows, scored) in cases.items():
             seconds, peak = timed(lambda w=windows: engine.target_nll(w), device, args.repeats)
             flops = flops_per_forward(config, n_body, n, scored)
-            rows.append({"case": name, "tokens": n, "seconds": seconds, "tokens_per_s": n / seconds,
-                         "tflops": flops / seconds / 1e12, "mfu": flops / seconds / H200_BF16_PEAK,
-                         "peak_gib": peak})
-        prompts = [Prompt(ids, None, "long")] + [Prompt(ids[-(n // 2 + k * (n // 8)):], None, "short") for k in range(4)]
+            rows.append(
+                {
+                    "case": name,
+                    "tokens": n,
+                    "seconds": seconds,
+                    "tokens_per_s": n / seconds,
+                    "tflops": flops / seconds / 1e12,
+                    "mfu": flops / seconds / H200_BF16_PEAK,
+                    "peak_gib": peak,
+                }
+            )
+        prompts = [Prompt(ids, None, "long")] + [
+            Prompt(ids[-(n // 2 + k * (n // 8)) :], None, "short") for k in range(4)
+        ]
         seconds, peak = timed(lambda p=prompts: engine.last_logprobs(p), device, args.repeats)
         tokens = sum(len(p.tokens) for p in prompts)
         flops = sum(flops_per_forward(config, n_body, len(p.tokens), 1) for p in prompts)
-        rows.append({"case": "misalign last (1 long + 4 short)", "tokens": n, "seconds": seconds,
-                     "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
-                     "mfu": flops / seconds / H200_BF16_PEAK, "peak_gib": peak, "pairs_per_s": 4 / seconds})
+        rows.append(
+            {
+                "case": "misalign last (1 long + 4 short)",
+                "tokens": n,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "tflops": flops / seconds / 1e12,
+                "mfu": flops / seconds / H200_BF16_PEAK,
+                "peak_gib": peak,
+                "pairs_per_s": 4 / seconds,
+            }
+        )
         # Naive reference: one plain forward returning [T, V] logits (what a bare script would do).
         x = torch.as_tensor(ids[None], device=device)
         try:
             with torch.inference_mode():
-                seconds, peak = timed(lambda: model(input_ids=x).logits.float().log_softmax(-1), device, 1)
-            rows.append({"case": "plain forward, full fp32 log-softmax", "tokens": n, "seconds": seconds,
-                         "tokens_per_s": n / seconds, "tflops": float("nan"), "mfu": float("nan"), "peak_gib": peak})
+                seconds, peak = timed(lambda x=x: model(input_ids=x).logits.float().log_softmax(-1), device, 1)
+            rows.append(
+                {
+                    "case": "plain forward, full fp32 log-softmax",
+                    "tokens": n,
+                    "seconds": seconds,
+                    "tokens_per_s": n / seconds,
+                    "tflops": float("nan"),
+                    "mfu": float("nan"),
+                    "peak_gib": peak,
+                }
+            )
         except torch.OutOfMemoryError:
-            rows.append({"case": "plain forward, full fp32 log-softmax", "tokens": n, "seconds": float("nan"),
-                         "tokens_per_s": float("nan"), "tflops": float("nan"), "mfu": float("nan"),
-                         "peak_gib": float("inf")})
+            rows.append(
+                {
+                    "case": "plain forward, full fp32 log-softmax",
+                    "tokens": n,
+                    "seconds": float("nan"),
+                    "tokens_per_s": float("nan"),
+                    "tflops": float("nan"),
+                    "mfu": float("nan"),
+                    "peak_gib": float("inf"),
+                }
+            )
             torch.cuda.empty_cache()
     print(f"{'case':38} {'ctx':>6} {'s/call':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['case']:38} {r['tokens']:>6} {r['seconds']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_gib']:>9.2f}")
+        print(
+            f"{r['case']:38} {r['tokens']:>6} {r['seconds']:>8.3f} {r['tokens_per_s']:>10.0f} "
+            f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_gib']:>9.2f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device, "params": n_params, "rows": rows}, fh, indent=1)

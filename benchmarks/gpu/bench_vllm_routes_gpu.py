@@ -52,14 +52,28 @@ def build_checkpoint(folder: Path, tiny: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny:
-        config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
-                             tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=4096,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
     else:  # Llama-3.2-1B shapes
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                             tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            tie_word_embeddings=True,
+        )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -87,8 +101,16 @@ def start_engine(route: str, folder: str, args):
     from lm_eval_longshort.backends.vllm import VLLMEngine, VLLMHiddenStateEngine
 
     extra = POOLING if route == "vllm-hidden" else {"max_logprobs": -1}
-    llm = LLM(model=folder, dtype=dtype, max_model_len=max_len, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=True, skip_tokenizer_init=True, max_num_batched_tokens=max(8192, max_len), **extra)
+    llm = LLM(
+        model=folder,
+        dtype=dtype,
+        max_model_len=max_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        max_num_batched_tokens=max(8192, max_len),
+        **extra,
+    )
     cls = VLLMHiddenStateEngine if route == "vllm-hidden" else VLLMEngine
     return cls(llm, NoTokenizer(), progress=False)
 
@@ -127,9 +149,17 @@ def run_route(route: str, folder: str, args) -> list[dict]:
         pos = np.arange(gap + n // 4, n)  # the long window's last positions, seen from both windows
         pair = AlignedWindows(ids[:n], ids[gap : gap + n], pos, pos - gap, None, "pair")
         dense_s, _ = measure(lambda: engine.aligned_divergences([pair]))  # noqa: B023
-        rows.append({"route": route, "L": n, "ladder tokens/s": args.windows * windows[0].n_inputs / ladder_s,
-                     "ladder peak GiB": peak, "last pairs/s": args.pairs / last_s,
-                     "dense positions/s": len(pos) / dense_s, "start-up s": start_s})
+        rows.append(
+            {
+                "route": route,
+                "L": n,
+                "ladder tokens/s": args.windows * windows[0].n_inputs / ladder_s,
+                "ladder peak GiB": peak,
+                "last pairs/s": args.pairs / last_s,
+                "dense positions/s": len(pos) / dense_s,
+                "start-up s": start_s,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -156,9 +186,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="longshort-bench-") as folder:
         build_checkpoint(Path(folder), args.tiny)
         for route in args.routes:
-            cmd = [sys.executable, __file__, "--lengths", *map(str, args.lengths), "--target-tokens",
-                   str(args.target_tokens), "--windows", str(args.windows), "--pairs", str(args.pairs),
-                   "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--child", route, folder]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--lengths",
+                *map(str, args.lengths),
+                "--target-tokens",
+                str(args.target_tokens),
+                "--windows",
+                str(args.windows),
+                "--pairs",
+                str(args.pairs),
+                "--gpu-memory-utilization",
+                str(args.gpu_memory_utilization),
+                "--child",
+                route,
+                folder,
+            ]
             cmd += ["--tiny"] if args.tiny else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [line for line in proc.stdout.splitlines() if line.startswith("ROUTE-ROWS ")]

@@ -19,18 +19,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lm_eval_longshort.backends.logits import (
+    UnsupportedLogitsError,
+    checked_log_softmax,
+    logit_postprocessing,
+)
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.protocols.requests import (
     AlignedWindows,
-    NonFiniteLogitsError,
     Prompt,
     ScoringEngine,
     TargetWindow,
 )
-from lm_eval_longshort.backends.logits import (
-    UnsupportedLogitsError,
-    logit_postprocessing,
-)
-from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,18 @@ class HFEngine(ScoringEngine):
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, max_length: int, *, batch_tokens: int = 32768,
-                 max_batch_rows: int | None = None, chunk_positions: int = 1024, progress: bool = True,
-                 split_head: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int,
+        *,
+        batch_tokens: int = 32768,
+        max_batch_rows: int | None = None,
+        chunk_positions: int = 1024,
+        progress: bool = True,
+        split_head: bool | None = None,
+    ):
         self.model = model
         self._tokenizer = tokenizer
         self._max_length = int(max_length)
@@ -156,18 +165,7 @@ class HFEngine(ScoringEngine):
 
     def _log_softmax(self, logits: torch.Tensor, label: str, positions: torch.Tensor) -> torch.Tensor:
         """[k, V] logits -> float32 log-softmax; errors on non-finite logits."""
-        logits = logits.float()
-        # One reduction instead of an elementwise isfinite pass: a row sum is finite iff every
-        # entry is (barring overflow of the sum itself, which the exact check below clears).
-        if not bool(torch.isfinite(logits.sum(-1)).all()):
-            finite = torch.isfinite(logits).all(-1)
-            if not bool(finite.all()):
-                bad = int(positions[~finite.to(positions.device)][0])
-                raise NonFiniteLogitsError(
-                    f"{label}: non-finite logits at input position {bad}; check the model's dtype "
-                    "(try dtype=float32) and weights"
-                )
-        return torch.log_softmax(logits, dim=-1)
+        return checked_log_softmax(logits, label, positions)
 
     def _batches(self, lengths: Sequence[int], rows_per_item: int = 1) -> Iterator[list[int]]:
         """Group item indices longest first, neighbours in length together, within the token budget.
@@ -191,8 +189,12 @@ class HFEngine(ScoringEngine):
             yield batch
             start += len(batch)
 
-    def _run(self, sequences: Sequence[np.ndarray], desc: str, rows_per_item: int = 1,
-             ) -> Iterator[tuple[list[int], _Forward]]:
+    def _run(
+        self,
+        sequences: Sequence[np.ndarray],
+        desc: str,
+        rows_per_item: int = 1,
+    ) -> Iterator[tuple[list[int], _Forward]]:
         """Forward every item once; yield (item indices, the batch's forward) per batch.
 
         ``sequences`` holds ``rows_per_item`` consecutive rows per item. Shorter rows are
@@ -201,8 +203,9 @@ class HFEngine(ScoringEngine):
         equal its unbatched ones (and SDPA keeps its causal fast path).
         """
         lengths = [len(s) for s in sequences]
-        item_lengths = [max(lengths[i * rows_per_item : (i + 1) * rows_per_item])
-                        for i in range(len(sequences) // rows_per_item)]
+        item_lengths = [
+            max(lengths[i * rows_per_item : (i + 1) * rows_per_item]) for i in range(len(sequences) // rows_per_item)
+        ]
         bar = tqdm(total=int(sum(lengths)), desc=desc, unit="tok", disable=not self.progress, leave=False)
         with torch.inference_mode():
             for batch in self._batches(item_lengths, rows_per_item):
@@ -232,8 +235,10 @@ class HFEngine(ScoringEngine):
                 offset = 1 if w.bos is not None else 0
                 # Target tokens[j] sits at input j + offset and is predicted by input j + offset - 1.
                 targets = torch.arange(w.score_from + offset, len(seq), device=self.device)
-                nll = [-logp.gather(1, seq[targets[part], None])[:, 0]
-                       for part, logp in forward.logprobs(row, targets - 1, w.label)]
+                nll = [
+                    -logp.gather(1, seq[targets[part], None])[:, 0]
+                    for part, logp in forward.logprobs(row, targets - 1, w.label)
+                ]
                 out[i] = torch.cat(nll).double().cpu().numpy() if nll else np.zeros(0)
         return out  # type: ignore[return-value]
 
@@ -257,8 +262,9 @@ class HFEngine(ScoringEngine):
         """
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
-        sequences = [seq for p in pairs for seq in (self._with_bos(p.long_tokens, p.bos),
-                                                    self._with_bos(p.short_tokens, p.bos))]
+        sequences = [
+            seq for p in pairs for seq in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))
+        ]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
         for batch, forward in self._run(sequences, "longshort hf: dense misalignment", rows_per_item=2):
             for item, i in enumerate(batch):
@@ -267,11 +273,18 @@ class HFEngine(ScoringEngine):
                 long_pos = torch.as_tensor(p.long_positions, device=self.device) + offset
                 short_pos = torch.as_tensor(p.short_positions, device=self.device) + offset
                 # Both streams cut the compared positions into the same chunks: they stay aligned.
-                parts = [all_divergences(logp, logq) for (_, logp), (_, logq) in zip(
-                    forward.logprobs(2 * item, long_pos, p.label),
-                    forward.logprobs(2 * item + 1, short_pos, p.label), strict=True)]
-                out[i] = {name: torch.cat([part[name] for part in parts]).double().cpu().numpy()
-                          if parts else np.zeros(0) for name in METRIC_NAMES}
+                parts = [
+                    all_divergences(logp, logq)
+                    for (_, logp), (_, logq) in zip(
+                        forward.logprobs(2 * item, long_pos, p.label),
+                        forward.logprobs(2 * item + 1, short_pos, p.label),
+                        strict=True,
+                    )
+                ]
+                out[i] = {
+                    name: torch.cat([part[name] for part in parts]).double().cpu().numpy() if parts else np.zeros(0)
+                    for name in METRIC_NAMES
+                }
         return out  # type: ignore[return-value]
 
 
@@ -325,7 +338,8 @@ class _Forward:
         for start in range(0, len(positions), step):
             part = slice(start, start + step)
             end = int(positions[part][-1]) + 1  # feed tokens up to the chunk's last position
-            out = engine.model(input_ids=ids[:, fed:end], past_key_values=cache, use_cache=True,
-                               logits_to_keep=positions[part] - fed)
+            out = engine.model(
+                input_ids=ids[:, fed:end], past_key_values=cache, use_cache=True, logits_to_keep=positions[part] - fed
+            )
             fed = end
             yield part, engine._log_softmax(out.logits[0], label, positions[part])

@@ -42,6 +42,10 @@ import numpy as np
 import torch
 from vllm import SamplingParams, TokensPrompt
 
+from lm_eval_longshort.backends.hf import LENGTH_DEPENDENT_ROPE, rope_type
+from lm_eval_longshort.backends.logits import OutputHead, load_output_head
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
+from lm_eval_longshort.numerics.topk import coarse_topk_divergences
 from lm_eval_longshort.protocols.requests import (
     AlignedWindows,
     LengthLimitError,
@@ -50,10 +54,6 @@ from lm_eval_longshort.protocols.requests import (
     ScoringEngine,
     TargetWindow,
 )
-from lm_eval_longshort.backends.hf import LENGTH_DEPENDENT_ROPE, rope_type
-from lm_eval_longshort.backends.logits import OutputHead, load_output_head
-from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
-from lm_eval_longshort.numerics.topk import coarse_topk_divergences
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 NORMALISATION_TOL = 1e-3
 MAX_LOGPROBS_FIX = "add max_logprobs=-1 to --model_args (e.g. --model_args pretrained=...,max_logprobs=-1)"
 POOLING_ARGS = '"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}'
-POOLING_EXAMPLE = f"--model_args '{{\"pretrained\": \"DIR\", {POOLING_ARGS}}}'"
+POOLING_EXAMPLE = f'--model_args \'{{"pretrained": "DIR", {POOLING_ARGS}}}\''
 _route_hint_logged = False
 
 
@@ -118,8 +118,16 @@ class VLLMEngine(_VLLMBase):
 
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, *, batch_tokens: int = 262144, full_vocab_rows: int = 32,
-                 topk_entries: int = 4_000_000, progress: bool = True):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        *,
+        batch_tokens: int = 262144,
+        full_vocab_rows: int = 32,
+        topk_entries: int = 4_000_000,
+        progress: bool = True,
+    ):
         """``batch_tokens``: prompt tokens per ``generate`` call; ``full_vocab_rows``: prompts per
         call when each returns the whole vocabulary (~6 MB of Python objects each);
         ``topk_entries``: returned top-K entries per call in dense mode (~100 B each)."""
@@ -222,8 +230,11 @@ class VLLMEngine(_VLLMBase):
             # logprob_token_ids, so the prompt stays within max_length like hf's input.
             prompts.append(full if w.feed_last else full[:-1])
             extra = {} if w.feed_last else {"logprob_token_ids": [int(full[-1])]}
-            params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                         flat_logprobs=True, **extra))
+            params.append(
+                SamplingParams(
+                    max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True, **extra
+                )
+            )
         out: list[np.ndarray] = []
         for chunk in _chunks([len(p) for p in prompts], self.batch_tokens):
             outputs = self._generate([prompts[i] for i in chunk], [params[i] for i in chunk])
@@ -296,8 +307,9 @@ class VLLMEngine(_VLLMBase):
         if k < 1:
             raise ValueError(f"metadata topk={topk} must be >= 1")
         self._require_logprobs(k, f"misalignment (mode dense) on vLLM keeps the top topk={k} ids: it")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k, detokenize=False,
-                                flat_logprobs=True)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k, detokenize=False, flat_logprobs=True
+        )
         sequences = [(self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos)) for p in pairs]
         sizes = [(len(a) + len(b)) * (k + 1) for a, b in sequences]
         out: list[dict[str, np.ndarray]] = []
@@ -324,8 +336,16 @@ class VLLMHiddenStateEngine(_VLLMBase):
 
     name = "vllm-hidden"
 
-    def __init__(self, llm, tokenizer, *, batch_tokens: int = 65536, chunk_positions: int = 1024,
-                 progress: bool = True, head: OutputHead | None = None):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        *,
+        batch_tokens: int = 65536,
+        chunk_positions: int = 1024,
+        progress: bool = True,
+        head: OutputHead | None = None,
+    ):
         """``batch_tokens``: prompt tokens per ``encode`` call (its hidden states, ``4·d`` bytes a
         token, are held until the call's requests are scored); ``head``: the output layer
         (default: read from the checkpoint, on the GPU when there is one)."""
@@ -333,8 +353,12 @@ class VLLMHiddenStateEngine(_VLLMBase):
         check_pooling_engine(llm)
         if head is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            head = load_output_head(_checkpoint_folder(self.model_config), self.model_config.hf_config,
-                                    device=device, chunk_positions=chunk_positions)
+            head = load_output_head(
+                _checkpoint_folder(self.model_config),
+                self.model_config.hf_config,
+                device=device,
+                chunk_positions=chunk_positions,
+            )
         self.head = head
         self.vocab_size = head.vocab_size
         from vllm.pooling_params import PoolingParams
@@ -350,16 +374,17 @@ class VLLMHiddenStateEngine(_VLLMBase):
     @property
     def length_hint(self) -> str:
         return (
-            "pass \"max_model_len\": N in the JSON --model_args (e.g. --model_args '{\"pretrained\": \"DIR\", "
-            f"\"max_model_len\": 16384, {POOLING_ARGS}}}'); {self._beyond_native()}"
+            'pass "max_model_len": N in the JSON --model_args (e.g. --model_args \'{"pretrained": "DIR", '
+            f'"max_model_len": 16384, {POOLING_ARGS}}}\'); {self._beyond_native()}'
         )
 
     # -- plumbing --------------------------------------------------------------------
     def _encode(self, sequences: list[np.ndarray]) -> list[torch.Tensor]:
         """One ``LLM.encode`` over ``sequences``: per sequence its [T, d] final hidden states."""
         requests = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
-        outputs = self.llm.encode(requests, pooling_task="token_embed", pooling_params=self._pooling_params,
-                                  use_tqdm=self.progress)
+        outputs = self.llm.encode(
+            requests, pooling_task="token_embed", pooling_params=self._pooling_params, use_tqdm=self.progress
+        )
         hidden = [o.outputs.data for o in outputs]
         d = self.head.hidden_size
         if len(hidden) != len(sequences) or any(tuple(h.shape) != (len(s), d) for h, s in zip(hidden, sequences)):
@@ -408,7 +433,9 @@ class VLLMHiddenStateEngine(_VLLMBase):
         """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
-        sequences = [s for p in pairs for s in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))]
+        sequences = [
+            s for p in pairs for s in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))
+        ]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
         held: dict[int, torch.Tensor] = {}
         for j, hidden in self._encoded(sequences):
@@ -417,7 +444,9 @@ class VLLMHiddenStateEngine(_VLLMBase):
                 out[j // 2] = self._pair_divergences(pairs[j // 2], held.pop(j - 1), held.pop(j))
         return out  # type: ignore[return-value]
 
-    def _pair_divergences(self, pair: AlignedWindows, h_long: torch.Tensor, h_short: torch.Tensor) -> dict[str, np.ndarray]:
+    def _pair_divergences(
+        self, pair: AlignedWindows, h_long: torch.Tensor, h_short: torch.Tensor
+    ) -> dict[str, np.ndarray]:
         """{metric: float64 [k]} between the pair's compared rows, ``chunk_positions`` at a time."""
         offset = 1 if pair.bos is not None else 0
         long_pos = torch.as_tensor(np.asarray(pair.long_positions) + offset)
@@ -464,8 +493,11 @@ def _checkpoint_folder(model_config) -> str:
         return model
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, revision=getattr(model_config, "revision", None),
-                             allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"])
+    return snapshot_download(
+        model,
+        revision=getattr(model_config, "revision", None),
+        allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"],
+    )
 
 
 def _log_route_hint() -> None:
@@ -476,7 +508,8 @@ def _log_route_hint() -> None:
         log.warning(
             "vllm backend: scoring through prompt log-probabilities (dense misalignment approximated from "
             "top-K lists). The hidden-state route is exact for every metric and faster: start the engine "
-            "as a pooling model, %s", POOLING_EXAMPLE,
+            "as a pooling model, %s",
+            POOLING_EXAMPLE,
         )
 
 
@@ -501,8 +534,12 @@ def _flat(container, what: str, label: str) -> tuple[np.ndarray, np.ndarray, np.
             f"{label}: vLLM returned {type(container).__name__} {what} log-probabilities, expected FlatLogprobs "
             "(SamplingParams(flat_logprobs=True), vLLM >= 0.32)"
         )
-    return (np.asarray(container.start_indices, dtype=np.int64), np.asarray(container.end_indices, dtype=np.int64),
-            np.asarray(container.token_ids, dtype=np.int64), np.asarray(container.logprobs, dtype=np.float64))
+    return (
+        np.asarray(container.start_indices, dtype=np.int64),
+        np.asarray(container.end_indices, dtype=np.int64),
+        np.asarray(container.token_ids, dtype=np.int64),
+        np.asarray(container.logprobs, dtype=np.float64),
+    )
 
 
 def _logprob_of(output, token: int, label: str) -> float:
@@ -526,8 +563,10 @@ def _topk_rows(output, rows: np.ndarray, k: int, label: str) -> tuple[np.ndarray
         raise ValueError(f"{label}: compared positions outside the {n_prompt}-token prompt")
     ids_out, lps_out = np.zeros((len(rows), k), dtype=np.int64), np.zeros((len(rows), k))
     in_prompt = rows + 1 < n_prompt
-    parts = [(in_prompt, output.prompt_logprobs, "prompt", rows[in_prompt] + 1),
-             (~in_prompt, output.outputs[0].logprobs, "sample", np.zeros(int((~in_prompt).sum()), dtype=np.int64))]
+    parts = [
+        (in_prompt, output.prompt_logprobs, "prompt", rows[in_prompt] + 1),
+        (~in_prompt, output.outputs[0].logprobs, "sample", np.zeros(int((~in_prompt).sum()), dtype=np.int64)),
+    ]
     for mask, container, what, positions in parts:
         if not mask.any():
             continue

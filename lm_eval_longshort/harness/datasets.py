@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import codecs
 import glob
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import datasets
 
@@ -33,7 +34,7 @@ DATASET_KEYS = ("hf_dataset", "hf_config", "split", "text_field", "title_field",
 # File extension -> datasets builder name, for local().
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-FILES_HINT = "pass --metadata '{\"files\": \"path/*.txt\"}'"
+FILES_HINT = 'pass --metadata \'{"files": "path/*.txt"}\''
 
 
 def shakespeare(**kwargs: Any) -> datasets.DatasetDict:
@@ -67,10 +68,10 @@ def hub_documents(
     if not hf_dataset:
         raise ValueError(
             "hub_documents needs `hf_dataset` (a hub dataset id or a local folder); set it in the "
-            "task YAML's metadata or pass --metadata '{\"hf_dataset\": \"emozilla/pg19-test\"}'."
+            'task YAML\'s metadata or pass --metadata \'{"hf_dataset": "emozilla/pg19-test"}\'.'
         )
     if not split:
-        raise ValueError("hub_documents needs `split` (e.g. \"test\"); got an empty value.")
+        raise ValueError('hub_documents needs `split` (e.g. "test"); got an empty value.')
     ds = datasets.load_dataset(hf_dataset, hf_config, split=split)
     source = f"{hf_dataset} (config {hf_config!r}, split {split!r})"
     texts = _text_column(ds, text_field, source)
@@ -135,16 +136,20 @@ def _check_readable(path: Path, builder: str) -> None:
     if builder == "parquet":
         with open(path, "rb") as fh:
             if fh.read(4) != b"PAR1":
-                raise ValueError(f"{str(path)!r} is not a parquet file (no PAR1 header); "
-                                 "fix the file or give it its real extension (the `files` metadata key)")
+                raise ValueError(
+                    f"{str(path)!r} is not a parquet file (no PAR1 header); "
+                    "fix the file or give it its real extension (the `files` metadata key)"
+                )
         return
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     with open(path, "rb") as fh:
         while True:
             block = fh.read(1 << 20)
             if b"\x00" in block:
-                raise ValueError(f"{str(path)!r} looks binary (NUL byte at offset {offset + block.index(0)}); "
-                                 "the `local` dataset reads UTF-8 text: drop it from `files`")
+                raise ValueError(
+                    f"{str(path)!r} looks binary (NUL byte at offset {offset + block.index(0)}); "
+                    "the `local` dataset reads UTF-8 text: drop it from `files`"
+                )
             try:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
@@ -189,7 +194,7 @@ def _column(ds: datasets.Dataset, field: str, source: str, key: str) -> list:
     if field not in ds.column_names:
         raise ValueError(
             f"{source} has no column {field!r} (set by `{key}`); its columns are "
-            f"{ds.column_names}. Pass the right one, e.g. --metadata '{{\"{key}\": \"...\"}}'."
+            f'{ds.column_names}. Pass the right one, e.g. --metadata \'{{"{key}": "..."}}\'.'
         )
     return list(ds[field])
 

@@ -18,8 +18,8 @@ import lm_eval.evaluator_utils
 from lm_eval.api.model import LM
 from tqdm.auto import tqdm
 
-from lm_eval_longshort.protocols.requests import ScoringEngine
 from lm_eval_longshort.harness.resume import DocumentStore, engine_identity
+from lm_eval_longshort.protocols.requests import ScoringEngine
 from lm_eval_longshort.protocols.runner import Document, TaskPlan, plan_task, score_documents
 from lm_eval_longshort.protocols.settings import MisalignSettings, settings_from_json
 
@@ -89,8 +89,14 @@ def _check_tasks(lm, engine: ScoringEngine, requests) -> list[tuple[TaskPlan, li
     plans, problems = [], []
     for (task, settings_json), indices in by_task.items():
         settings = settings_from_json(settings_json)
-        docs = [Document(int(requests[i].doc.get("doc_index", requests[i].doc_id)),
-                         str(requests[i].doc.get("title", "")), requests[i].doc["text"]) for i in indices]
+        docs = [
+            Document(
+                int(requests[i].doc.get("doc_index", requests[i].doc_id)),
+                str(requests[i].doc.get("title", "")),
+                requests[i].doc["text"],
+            )
+            for i in indices
+        ]
         try:
             _check_model_arguments(lm, settings, task)
             plans.append((plan_task(engine, settings, docs, task), indices))
@@ -100,8 +106,9 @@ def _check_tasks(lm, engine: ScoringEngine, requests) -> list[tuple[TaskPlan, li
         raise problems[0][1]
     if problems:
         listing = "\n".join(f"  - {task}: {exc}" for task, exc in problems)
-        raise TaskCheckError(f"{len(problems)} of {len(by_task)} longshort tasks cannot run (nothing was "
-                             f"scored):\n{listing}")
+        raise TaskCheckError(
+            f"{len(problems)} of {len(by_task)} longshort tasks cannot run (nothing was scored):\n{listing}"
+        )
     return plans
 
 
@@ -138,8 +145,13 @@ def _score_with_store(engine: ScoringEngine, plan: TaskPlan, store: DocumentStor
     n_usable = sum(len(c) for c in plan.chunks)
     n_todo = sum(len(c) for c in todo)
     if store:
-        log.info("%s: %d of %d documents resumed from the --use_cache database, %d to score",
-                 plan.task, n_usable - n_todo, n_usable, n_todo)
+        log.info(
+            "%s: %d of %d documents resumed from the --use_cache database, %d to score",
+            plan.task,
+            n_usable - n_todo,
+            n_usable,
+            n_todo,
+        )
     bar = tqdm(total=n_todo, desc=f"{plan.task}", unit="doc", disable=quiet or not n_todo)
     for chunk in todo:
         score_documents(engine, plan, chunk)

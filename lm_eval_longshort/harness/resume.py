@@ -49,8 +49,13 @@ def _hf_identity(model) -> dict:
         digest.update(f"{name}{tuple(param.shape)}{sample}".encode())
         dtype = dtype or str(param.dtype).removeprefix("torch.")
     config = model.config.to_dict()
-    return {"class": type(model).__name__, "model": str(getattr(model.config, "_name_or_path", "")),
-            "dtype": dtype, "config": _sha(config), "weights": digest.hexdigest()}
+    return {
+        "class": type(model).__name__,
+        "model": str(getattr(model.config, "_name_or_path", "")),
+        "dtype": dtype,
+        "config": _sha(config),
+        "weights": digest.hexdigest(),
+    }
 
 
 def _vllm_identity(model_config) -> dict:
@@ -62,9 +67,13 @@ def _vllm_identity(model_config) -> dict:
         for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.gguf")):
             stat = f.stat()
             files.append((f.name, stat.st_size, stat.st_mtime_ns))
-    return {"model": str(model_config.model), "dtype": str(model_config.dtype).removeprefix("torch."),
-            "config": _sha(model_config.hf_config.to_dict()), "revision": str(getattr(model_config, "revision", None)),
-            "weights": _sha(files)}
+    return {
+        "model": str(model_config.model),
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "config": _sha(model_config.hf_config.to_dict()),
+        "revision": str(getattr(model_config, "revision", None)),
+        "weights": _sha(files),
+    }
 
 
 def engine_identity(engine: ScoringEngine) -> dict:
@@ -77,8 +86,9 @@ def engine_identity(engine: ScoringEngine) -> dict:
     else:
         parts = _hf_identity(engine.model)
     tokenizer = engine.tokenizer
-    parts["tokenizer"] = _sha([getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-                               tokenizer.bos_token_id, tokenizer.eos_token_id])
+    parts["tokenizer"] = _sha(
+        [getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id]
+    )
     parts["backend"] = engine.name
     fingerprint = _sha(parts)[:20]
     return {"backend": engine.name, "model": parts["model"], "dtype": parts["dtype"], "fingerprint": fingerprint}
@@ -98,8 +108,14 @@ class DocumentStore:
         return cls(dbdict, identity) if dbdict is not None else None
 
     def key(self, settings: PerplexitySettings | MisalignSettings, bos: int | None, doc: Document) -> str:
-        payload = [RESPONSE_FORMAT, self.identity["fingerprint"], measured_settings(settings), bos,
-                   doc.doc_index, text_sha1(doc.text)]
+        payload = [
+            RESPONSE_FORMAT,
+            self.identity["fingerprint"],
+            measured_settings(settings),
+            bos,
+            doc.doc_index,
+            text_sha1(doc.text),
+        ]
         return KEY_PREFIX + _sha(payload)
 
     def get(self, key: str) -> dict | None:

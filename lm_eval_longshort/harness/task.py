@@ -35,9 +35,23 @@ log = logging.getLogger(__name__)
 
 # from_pretrained keyword arguments HFLM forwards that are not in its signature.
 _FROM_PRETRAINED_KEYS = {
-    "attn_implementation", "low_cpu_mem_usage", "torch_dtype", "device_map", "offload_folder",
-    "quantization_config", "use_safetensors", "local_files_only", "token", "cache_dir", "variant",
-    "force_download", "code_revision", "max_memory", "tp_plan", "subfolder", "revision",
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "torch_dtype",
+    "device_map",
+    "offload_folder",
+    "quantization_config",
+    "use_safetensors",
+    "local_files_only",
+    "token",
+    "cache_dir",
+    "variant",
+    "force_download",
+    "code_revision",
+    "max_memory",
+    "tp_plan",
+    "subfolder",
+    "revision",
 }
 
 
@@ -84,8 +98,9 @@ class _LongShortTask(ConfigurableTask):
         config.setdefault("doc_to_text", "title")
         config.setdefault("doc_to_target", "")
         metadata = dict(config.get("metadata") or {})
-        self.settings = parse_settings(self.KIND, metadata, foreign_keys=model_argument_names(),
-                                       other_keys={"data keys": DATASET_KEYS})
+        self.settings = parse_settings(
+            self.KIND, metadata, foreign_keys=model_argument_names(), other_keys={"data keys": DATASET_KEYS}
+        )
         self.data_keys = _data_keys(config, metadata)
         self._settings_json = settings_to_json(self.settings)
         self._documents: list[dict] = []
@@ -121,8 +136,11 @@ class _LongShortTask(ConfigurableTask):
         values = self._per_doc_values(response) if not skipped else {name: None for name in self.aggregation()}
         values["skipped_docs"] = int(skipped)
         values["documents"] = {
-            "doc_index": int(response["doc_index"]), "title": response.get("title", ""),
-            "sha1": text_sha1(doc["text"]), "n_tokens": int(response["n_tokens"]), "skipped": skipped,
+            "doc_index": int(response["doc_index"]),
+            "title": response.get("title", ""),
+            "sha1": text_sha1(doc["text"]),
+            "n_tokens": int(response["n_tokens"]),
+            "skipped": skipped,
             **({} if skipped else {"sums": {k: list(v) for k, v in values.items() if isinstance(v, tuple)}}),
         }
         return values
@@ -147,8 +165,12 @@ class _LongShortTask(ConfigurableTask):
             "format": 1,
             "kind": self.KIND,
             "settings": json.loads(self._settings_json),
-            "measured": {"task": self.config.task, **settings, "data": self.data_keys,
-                         "documents": hashlib.sha1(json.dumps(scored).encode()).hexdigest()},
+            "measured": {
+                "task": self.config.task,
+                **settings,
+                "data": self.data_keys,
+                "documents": hashlib.sha1(json.dumps(scored).encode()).hexdigest(),
+            },
             "documents": self._documents,
             "engine": lm_method.ENGINES_BY_TASK.get(self.config.task),
             "stderr": "delta",
@@ -174,8 +196,10 @@ def _keyppl(pairs) -> float:
     """keyppl, saying why when it is NaN (no target was a key token)."""
     value = aggregate.perplexity(pairs)
     if math.isnan(value):
-        log.warning("keyppl is NaN: no target is a key token (key_frac = 0): long context helped no "
-                    "target by more than alpha nats with a confident long-context prediction")
+        log.warning(
+            "keyppl is NaN: no target is a key token (key_frac = 0): long context helped no "
+            "target by more than alpha nats with a confident long-context prediction"
+        )
     return value
 
 

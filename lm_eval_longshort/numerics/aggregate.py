@@ -103,8 +103,9 @@ def ratio_stderr(pairs: Iterable[Sums], transform: str = "identity") -> float:
     return _se(_transform(ratio, u, transform)[1])
 
 
-def paired_difference(pairs_x: Sequence[Sums], pairs_y: Sequence[Sums],
-                      transform: str = "identity") -> tuple[float, float]:
+def paired_difference(
+    pairs_x: Sequence[Sums], pairs_y: Sequence[Sums], transform: str = "identity"
+) -> tuple[float, float]:
     """(value_x - value_y, its standard error) for two ratios measured on the SAME documents.
 
     ``pairs_x[d]`` and ``pairs_y[d]`` belong to document d (e.g. two models, or two lengths of
@@ -117,8 +118,9 @@ def paired_difference(pairs_x: Sequence[Sums], pairs_y: Sequence[Sums],
     (1.0, 0.0)
     """
     if len(pairs_x) != len(pairs_y):
-        raise ValueError(f"paired_difference needs one pair per document on both sides, got "
-                         f"{len(pairs_x)} and {len(pairs_y)}")
+        raise ValueError(
+            f"paired_difference needs one pair per document on both sides, got {len(pairs_x)} and {len(pairs_y)}"
+        )
     both = [(x, y) for x, y in zip(pairs_x, pairs_y) if x is not None and y is not None]
     value_x, u_x = _transform(*linearized([x for x, _ in both]), transform)
     value_y, u_y = _transform(*linearized([y for _, y in both]), transform)

@@ -71,8 +71,10 @@ def coarse_topk_divergences(ids_p, logp, ids_q, logq) -> dict[str, np.ndarray]:
     ids_p, ids_q = torch.as_tensor(ids_p, dtype=torch.int64), torch.as_tensor(ids_q, dtype=torch.int64)
     logp, logq = torch.as_tensor(logp, dtype=torch.float64), torch.as_tensor(logq, dtype=torch.float64)
     if not ids_p.shape == logp.shape == ids_q.shape == logq.shape or ids_p.dim() != 2:
-        raise ValueError(f"top-K shapes differ: ids_p {tuple(ids_p.shape)}, logp {tuple(logp.shape)}, "
-                         f"ids_q {tuple(ids_q.shape)}, logq {tuple(logq.shape)}; expected [positions, K] each")
+        raise ValueError(
+            f"top-K shapes differ: ids_p {tuple(ids_p.shape)}, logp {tuple(logp.shape)}, "
+            f"ids_q {tuple(ids_q.shape)}, logq {tuple(logq.shape)}; expected [positions, K] each"
+        )
     common, q_on_p = _align(ids_p, ids_q, logq)
     minus_inf = torch.full_like(logp, -math.inf)
     p_common = torch.where(common, logp, minus_inf)

@@ -74,13 +74,27 @@ def dense_pairs(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label
         gap = dense_gap(s, doc_index, length)
         t = dense_positions(s, length, gap)
         first_t = int(t[0])
-        pairs.append(AlignedWindows(
-            long_tokens=ids[0:length], short_tokens=ids[gap : gap + length],
-            long_positions=t, short_positions=t - gap, bos=bos, label=f"{label} L={length} e={gap}",
-        ))
-        layout.append({
-            "doc_index": doc_index, "L": length, "a_start": 0, "b_start": gap,
-            "t_first": int(first_t), "t_last": int(length - 1), "n_positions": int(t.size),
-            "long_ctx": [int(first_t + 1), int(length)], "short_ctx": [int(first_t + 1 - gap), int(length - gap)],
-        })
+        pairs.append(
+            AlignedWindows(
+                long_tokens=ids[0:length],
+                short_tokens=ids[gap : gap + length],
+                long_positions=t,
+                short_positions=t - gap,
+                bos=bos,
+                label=f"{label} L={length} e={gap}",
+            )
+        )
+        layout.append(
+            {
+                "doc_index": doc_index,
+                "L": length,
+                "a_start": 0,
+                "b_start": gap,
+                "t_first": int(first_t),
+                "t_last": int(length - 1),
+                "n_positions": int(t.size),
+                "long_ctx": [int(first_t + 1), int(length)],
+                "short_ctx": [int(first_t + 1 - gap), int(length - gap)],
+            }
+        )
     return pairs, layout

@@ -68,8 +68,11 @@ def truncate_windows(
 ) -> list[TargetWindow]:
     first = 0 if bos is not None else 1
     if single_pass:
-        return [TargetWindow(tokens=ids[: s.longest], score_from=first, bos=bos,
-                             label=f"{label} L<={s.longest}", feed_last=True)]
+        return [
+            TargetWindow(
+                tokens=ids[: s.longest], score_from=first, bos=bos, label=f"{label} L<={s.longest}", feed_last=True
+            )
+        ]
     return [
         TargetWindow(tokens=ids[:length], score_from=first, bos=bos, label=f"{label} L={length}", feed_last=True)
         for length in s.lengths
@@ -121,8 +124,13 @@ def sliding_windows(ids: np.ndarray, s: PerplexitySettings, bos: int | None, lab
     for length in s.lengths:
         for begin, end, first in sliding_spans(_doc_end(ids, s), length, s.stride_for(length), bos):
             windows.append(
-                TargetWindow(tokens=ids[begin:end], score_from=first - begin, bos=bos,
-                             label=f"{label} L={length}@{begin}", feed_last=True)
+                TargetWindow(
+                    tokens=ids[begin:end],
+                    score_from=first - begin,
+                    bos=bos,
+                    label=f"{label} L={length}@{begin}",
+                    feed_last=True,
+                )
             )
     return windows
 

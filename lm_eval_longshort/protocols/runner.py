@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_longshort.protocols.requests import LengthLimitError, ScoringEngine
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.protocols import misalignment as mis
 from lm_eval_longshort.protocols import perplexity as ppl
+from lm_eval_longshort.protocols.requests import LengthLimitError, ScoringEngine
 from lm_eval_longshort.protocols.settings import MisalignSettings, PerplexitySettings
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,14 @@ def plan_task(
         need = needed_tokens(settings, doc.doc_index)
         base = {"doc_index": doc.doc_index, "title": doc.title, "n_tokens": int(len(ids))}
         if len(ids) < need:
-            log.warning("%s: skipping document %d (%r): %d tokens, the protocol needs %d",
-                        task, doc.doc_index, doc.title, len(ids), need)
+            log.warning(
+                "%s: skipping document %d (%r): %d tokens, the protocol needs %d",
+                task,
+                doc.doc_index,
+                doc.title,
+                len(ids),
+                need,
+            )
             responses.append({**base, "skipped": True, "needed_tokens": int(need)})
         else:
             usable.append(len(responses))
@@ -203,8 +209,10 @@ def _decoder(tokenizer):
 def _score_perplexity(engine: ScoringEngine, s: PerplexitySettings, docs_ids, bos) -> None:
     single = s.single_pass if s.single_pass is not None else not engine.position_dependent
     if s.protocol == "truncate" and single and engine.position_dependent:
-        log.warning("single_pass=true on a model whose positions depend on sequence length: "
-                    "numbers for L < max(lengths) differ from per-length passes")
+        log.warning(
+            "single_pass=true on a model whose positions depend on sequence length: "
+            "numbers for L < max(lengths) differ from per-length passes"
+        )
     plan = []
     for doc, ids, _ in docs_ids:
         if s.protocol == "ladder":
@@ -215,8 +223,9 @@ def _score_perplexity(engine: ScoringEngine, s: PerplexitySettings, docs_ids, bo
             windows = ppl.sliding_windows(ids, s, bos, _label(doc))
         plan.append(windows)
     nlls = engine.target_nll([w for windows in plan for w in windows])
-    summarize = {"ladder": ppl.ladder_summarize, "truncate": ppl.truncate_summarize,
-                 "sliding": ppl.sliding_summarize}[s.protocol]
+    summarize = {"ladder": ppl.ladder_summarize, "truncate": ppl.truncate_summarize, "sliding": ppl.sliding_summarize}[
+        s.protocol
+    ]
     decode = _decoder(engine.tokenizer)
     cursor = 0
     for (doc, ids, response), windows in zip(docs_ids, plan, strict=True):

@@ -12,8 +12,8 @@ import functools
 import json
 import math
 import typing
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 PPL_PROTOCOLS = ("ladder", "truncate", "sliding")
@@ -150,8 +150,7 @@ def _as_lengths(key: str, value: Any, minimum: int) -> tuple[int, ...]:
 
 
 # The words a yes/no/auto setting accepts (None = auto).
-_TRISTATE = {"auto": None, "none": None, "true": True, "1": True, "yes": True,
-             "false": False, "0": False, "no": False}
+_TRISTATE = {"auto": None, "none": None, "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _as_tristate(key: str, value: Any) -> bool | None:
@@ -185,11 +184,11 @@ def _parse_field(cls: type, field: dataclasses.Field, value: Any) -> Any:
         return _as_lengths(field.name, value, minimum)
     if kind in (int, int | None):
         return _as_int(field.name, value, minimum if minimum is not None else 0)
-    if kind == float:
+    if kind is float:
         return _as_float(field.name, value)
     if kind == bool | None:
         return _as_tristate(field.name, value)
-    if kind == str and choices:
+    if kind is str and choices:
         return _as_choice(field.name, value, choices)
     raise TypeError(f"{cls.__name__}.{field.name}: no parser for type {kind}")
 
@@ -211,9 +210,11 @@ def parse_settings(
     """
     cls = _CLASSES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    own = tuple(fields)
-    known = {"perplexity tasks": setting_keys(PerplexitySettings),
-             "misalignment tasks": setting_keys(MisalignSettings), **(other_keys or {})}
+    known = {
+        "perplexity tasks": setting_keys(PerplexitySettings),
+        "misalignment tasks": setting_keys(MisalignSettings),
+        **(other_keys or {}),
+    }
     recognised = {key for keys in known.values() for key in keys}
     values: dict[str, Any] = {}
     unknown = []
@@ -277,8 +278,16 @@ def _check(settings: PerplexitySettings | MisalignSettings) -> None:
 
 
 # Settings read by one protocol or mode only; the others ignore them.
-_ONLY_FOR = {"target_tokens": "ladder", "alpha": "ladder", "beta": "ladder", "stride": "sliding",
-             "max_doc_tokens": "sliding", "single_pass": "truncate", "pairs": "last", "topk": "dense"}
+_ONLY_FOR = {
+    "target_tokens": "ladder",
+    "alpha": "ladder",
+    "beta": "ladder",
+    "stride": "sliding",
+    "max_doc_tokens": "sliding",
+    "single_pass": "truncate",
+    "pairs": "last",
+    "topk": "dense",
+}
 
 
 def measured_settings(settings: PerplexitySettings | MisalignSettings) -> dict:

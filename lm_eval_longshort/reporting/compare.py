@@ -89,20 +89,28 @@ class Difference:
     n_docs: int
 
     def cells(self) -> list:
-        return [self.label, self.versus, self.metric, self.length, self.versus_length,
-                self.difference, self.stderr, self.n_docs]
+        return [
+            self.label,
+            self.versus,
+            self.metric,
+            self.length,
+            self.versus_length,
+            self.difference,
+            self.stderr,
+            self.n_docs,
+        ]
 
 
-def paired(x: Run, task_x: str, y: Run, task_y: str, metric: str, length_x: int,
-           length_y: int) -> Difference | None:
+def paired(x: Run, task_x: str, y: Run, task_y: str, metric: str, length_x: int, length_y: int) -> Difference | None:
     """The paired difference on the documents both sides scored (None if fewer than 1)."""
     sums_x = x.document_sums(task_x, metric, length_x)
     sums_y = y.document_sums(task_y, metric, length_y)
     docs = sorted(set(sums_x) & set(sums_y))  # matched by (doc_index, text sha1)
     if not docs:
         return None
-    value, stderr = paired_difference([sums_x[d] for d in docs], [sums_y[d] for d in docs],
-                                      TRANSFORMS.get(metric, "identity"))
+    value, stderr = paired_difference(
+        [sums_x[d] for d in docs], [sums_y[d] for d in docs], TRANSFORMS.get(metric, "identity")
+    )
     versus = y.label if y is not x else x.label
     return Difference(x.label, versus, metric, length_x, length_y, value, stderr, len(docs))
 
@@ -114,8 +122,10 @@ def _between_runs(runs: Sequence[Run], baseline: Run, measures: Sequence[tuple[s
         if run is baseline:
             continue
         for task, metric in measures:
-            common = sorted(set(run.per_length.get(task, {}).get(metric, {}))
-                            & set(baseline.per_length.get(task, {}).get(metric, {})))
+            common = sorted(
+                set(run.per_length.get(task, {}).get(metric, {}))
+                & set(baseline.per_length.get(task, {}).get(metric, {}))
+            )
             out += [d for L in common if (d := paired(run, task, baseline, task, metric, L, L))]
     return out
 
@@ -152,35 +162,74 @@ class CompareResult:
 
     @property
     def _what(self) -> str:
-        return (f"{self.misalign_metric}@L ({short_task(self.misalign_task)}) vs "
-                f"{self.ppl_metric}@L ({short_task(self.ppl_task)})")
+        return (
+            f"{self.misalign_metric}@L ({short_task(self.misalign_task)}) vs "
+            f"{self.ppl_metric}@L ({short_task(self.ppl_task)})"
+        )
 
     def _run_cells(self) -> list[list[str]]:
         return [[r.label, r.backend, r.dtype, str(r.path)] for r in self.runs]
 
     def _row_cells(self) -> list[list[str]]:
-        return [[str(r.get(c, "")) if c in ("label", "L") else
-                 format_with_error(r.get(c), r.get(f"{c}_stderr")) for c in self.columns] for r in self.rows]
+        return [
+            [
+                str(r.get(c, "")) if c in ("label", "L") else format_with_error(r.get(c), r.get(f"{c}_stderr"))
+                for c in self.columns
+            ]
+            for r in self.rows
+        ]
 
     def _corr_cells(self) -> list[list[str]]:
-        return [["pooled" if c.length is None else str(c.length), str(c.n), format_value(c.pearson),
-                 format_value(c.spearman)] for c in (*self.per_length, self.pooled)]
+        return [
+            [
+                "pooled" if c.length is None else str(c.length),
+                str(c.n),
+                format_value(c.pearson),
+                format_value(c.spearman),
+            ]
+            for c in (*self.per_length, self.pooled)
+        ]
 
     @staticmethod
     def _diff_cells(diffs: Sequence[Difference]) -> list[list[str]]:
-        return [[d.label, d.versus, d.metric, str(d.length), str(d.versus_length),
-                 format_value(d.difference), format_value(d.stderr), str(d.n_docs)] for d in diffs]
+        return [
+            [
+                d.label,
+                d.versus,
+                d.metric,
+                str(d.length),
+                str(d.versus_length),
+                format_value(d.difference),
+                format_value(d.stderr),
+                str(d.n_docs),
+            ]
+            for d in diffs
+        ]
 
     def _sections(self) -> list[tuple[str, list[str], list[list[str]], int]]:
         """(title, header, rows, n left-aligned columns) of every table, in print order."""
-        sections = [("Runs", ["label", "backend", "dtype", "results"], self._run_cells(), 4),
-                    ("Values (± standard error over documents)", self.columns, self._row_cells(), 1)]
+        sections = [
+            ("Runs", ["label", "backend", "dtype", "results"], self._run_cells(), 4),
+            ("Values (± standard error over documents)", self.columns, self._row_cells(), 1),
+        ]
         if self.between_runs:
-            sections.append(("Paired differences between runs on the same documents (label - versus)",
-                             _DIFF_HEADER, self._diff_cells(self.between_runs), 3))
+            sections.append(
+                (
+                    "Paired differences between runs on the same documents (label - versus)",
+                    _DIFF_HEADER,
+                    self._diff_cells(self.between_runs),
+                    3,
+                )
+            )
         if self.between_lengths:
-            sections.append(("Paired differences between lengths of one run (L - versus_L)",
-                             _DIFF_HEADER, self._diff_cells(self.between_lengths), 3))
+            sections.append(
+                (
+                    "Paired differences between lengths of one run (L - versus_L)",
+                    _DIFF_HEADER,
+                    self._diff_cells(self.between_lengths),
+                    3,
+                )
+            )
         sections.append((f"Correlation across runs of {self._what}", _CORR_HEADER, self._corr_cells(), 0))
         return sections
 
@@ -206,8 +255,10 @@ class CompareResult:
             body = [[_csv_value(r.get(c)) for c in header] for r in self.rows]
         elif table == "correlations":
             header = _CORR_HEADER
-            body = [["pooled" if c.length is None else c.length, c.n, _csv_value(c.pearson),
-                     _csv_value(c.spearman)] for c in (*self.per_length, self.pooled)]
+            body = [
+                ["pooled" if c.length is None else c.length, c.n, _csv_value(c.pearson), _csv_value(c.spearman)]
+                for c in (*self.per_length, self.pooled)
+            ]
         elif table == "differences":
             header = _DIFF_HEADER
             body = [[_csv_value(v) for v in d.cells()] for d in (*self.between_runs, *self.between_lengths)]
@@ -239,12 +290,10 @@ def _pick_task(runs: Sequence[Run], metric: str, requested: str | None, flag: st
     if not candidates:
         available = sorted({m for r in runs for t in r.per_length.values() for m in t})
         raise ReportingError(
-            f"no run reports per-length '{metric}'; per-length metrics present: "
-            f"{', '.join(available) or 'none'}"
+            f"no run reports per-length '{metric}'; per-length metrics present: {', '.join(available) or 'none'}"
         )
     if requested:
-        matches = [t for t in candidates if t == requested or short_task(t) == requested
-                   or t.endswith("_" + requested)]
+        matches = [t for t in candidates if t == requested or short_task(t) == requested or t.endswith("_" + requested)]
         if len(matches) != 1:
             raise ReportingError(
                 f"{flag} {requested!r} matches {len(matches)} of the tasks reporting '{metric}': "
@@ -252,9 +301,7 @@ def _pick_task(runs: Sequence[Run], metric: str, requested: str | None, flag: st
             )
         return matches[0]
     if len(candidates) > 1:
-        raise ReportingError(
-            f"several tasks report '{metric}': {', '.join(candidates)}; choose one with {flag}"
-        )
+        raise ReportingError(f"several tasks report '{metric}': {', '.join(candidates)}; choose one with {flag}")
     return candidates[0]
 
 
@@ -278,13 +325,20 @@ def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
     for run in runs:
         if run.label == baseline:
             return run
-    raise ReportingError(f"--baseline {baseline!r} is not a run label; labels: "
-                         f"{', '.join(r.label for r in runs)}")
+    raise ReportingError(f"--baseline {baseline!r} is not a run label; labels: {', '.join(r.label for r in runs)}")
 
 
-def _table_rows(runs: Sequence[Run], p_task: str, m_task: str, ppl_cols: Sequence[str],
-                mis_cols: Sequence[str], misalign_metric: str, ppl_metric: str):
+def _table_rows(
+    runs: Sequence[Run],
+    p_task: str,
+    m_task: str,
+    ppl_cols: Sequence[str],
+    mis_cols: Sequence[str],
+    misalign_metric: str,
+    ppl_metric: str,
+):
     """(rows, per-length correlations, pooled points) for the lengths 2+ runs report."""
+
     def present(run: Run, L: int) -> bool:
         return finite(run.value(p_task, ppl_metric, L)) or finite(run.value(m_task, misalign_metric, L))
 
@@ -308,9 +362,14 @@ def _table_rows(runs: Sequence[Run], p_task: str, m_task: str, ppl_cols: Sequenc
     return rows, per_length, pooled
 
 
-def compare_runs(runs: Sequence[Run], misalign_metric: str = "symkl", ppl_metric: str = "ppl",
-                 ppl_task: str | None = None, misalign_task: str | None = None,
-                 baseline: str | None = None) -> CompareResult:
+def compare_runs(
+    runs: Sequence[Run],
+    misalign_metric: str = "symkl",
+    ppl_metric: str = "ppl",
+    ppl_task: str | None = None,
+    misalign_task: str | None = None,
+    baseline: str | None = None,
+) -> CompareResult:
     """Rows per (run, L), paired differences and per-L / pooled correlations.
 
     A length enters the rows and correlations when at least 2 runs report a finite
@@ -326,17 +385,26 @@ def compare_runs(runs: Sequence[Run], misalign_metric: str = "symkl", ppl_metric
     base = _pick_baseline(runs, baseline)
     ppl_cols = list(dict.fromkeys([*PPL_METRICS, ppl_metric]))
     mis_cols = [m for m in dict.fromkeys([*MISALIGN_METRICS, misalign_metric]) if m not in ppl_cols]
-    rows, per_length, pooled = _table_rows(runs, p_task, m_task, ppl_cols, mis_cols,
-                                           misalign_metric, ppl_metric)
+    rows, per_length, pooled = _table_rows(runs, p_task, m_task, ppl_cols, mis_cols, misalign_metric, ppl_metric)
     if not rows:
         raise ReportingError(
             f"no context length is reported by 2 or more runs (for {misalign_metric} or {ppl_metric}); "
             "compare needs at least two runs evaluated at the same lengths"
         )
     measures = [(p_task, ppl_metric), (m_task, misalign_metric)]
-    result = CompareResult(misalign_metric, ppl_metric, m_task, p_task, ["label", "L", *ppl_cols, *mis_cols],
-                           rows, per_length, _correlate(None, pooled), list(runs),
-                           _between_runs(runs, base, measures), _between_lengths(runs, measures))
+    result = CompareResult(
+        misalign_metric,
+        ppl_metric,
+        m_task,
+        p_task,
+        ["label", "L", *ppl_cols, *mis_cols],
+        rows,
+        per_length,
+        _correlate(None, pooled),
+        list(runs),
+        _between_runs(runs, base, measures),
+        _between_lengths(runs, measures),
+    )
     result.notes = _notes(runs)
     return result
 
@@ -344,6 +412,7 @@ def compare_runs(runs: Sequence[Run], misalign_metric: str = "symkl", ppl_metric
 def _notes(runs: Sequence[Run]) -> list[str]:
     """A warning when the runs differ in backend or dtype (comparable, but say so)."""
     if len({(r.backend, r.dtype) for r in runs}) > 1:
-        return ["runs differ in backend or dtype (see Runs): their numbers differ by numeric "
-                "precision as well as by model"]
+        return [
+            "runs differ in backend or dtype (see Runs): their numbers differ by numeric precision as well as by model"
+        ]
     return []

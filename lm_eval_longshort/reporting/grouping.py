@@ -37,7 +37,7 @@ class Group:
 
 
 def task_kind(run: Run, task: str) -> str | None:
-    """"ppl" or "misalign" from the record, else from the metrics reported per length."""
+    """ "ppl" or "misalign" from the record, else from the metrics reported per length."""
     record = run.longshort.get(task)
     if record and record.get("kind") in KIND_METRICS:
         return record["kind"]
@@ -69,8 +69,7 @@ def groups_by_kind(runs: Sequence[Run]) -> dict[str, list[Group]]:
     """{kind: groups} over every longshort task of every run."""
     out: dict[str, list[Group]] = {}
     for kind in KIND_METRICS:
-        members = [(run, task) for run in runs for task in sorted(run.per_length)
-                   if task_kind(run, task) == kind]
+        members = [(run, task) for run in runs for task in sorted(run.per_length) if task_kind(run, task) == kind]
         if members:
             out[kind] = group_results(members, kind)
     return out
@@ -117,8 +116,9 @@ def describe_split(groups: Sequence[Group]) -> str:
     not compared (keys differing: lengths)``, written as one line per group.
     """
     keys = differing_keys(groups)
-    lines = [f"{groups[0].kind} results measured {len(groups)} different things; "
-             "they are not compared with each other:"]
+    lines = [
+        f"{groups[0].kind} results measured {len(groups)} different things; they are not compared with each other:"
+    ]
     for i, group in enumerate(groups, 1):
         who = ", ".join(group.labels)
         noun = "runs" if len(group.members) > 1 else "run"
@@ -126,8 +126,9 @@ def describe_split(groups: Sequence[Group]) -> str:
     if keys:
         lines.append(f"  keys differing: {', '.join(keys)}")
     if "documents" in keys:
-        lines.append("  (documents: a digest of the scored documents; --limit/--samples, the corpus "
-                     "or a document's text differ)")
+        lines.append(
+            "  (documents: a digest of the scored documents; --limit/--samples, the corpus or a document's text differ)"
+        )
     return "\n".join(lines)
 
 

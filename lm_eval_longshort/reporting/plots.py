@@ -29,9 +29,15 @@ _TITLES = {
     "top1": "Top-1 agreement (long vs short)",
     "tv": "Total variation distance",
 }
-_YLABELS = {"ppl": "perplexity", "bpb": "bits / byte", "symkl": "symKL (nats / token)",
-            "sce": "SCE (nats / token)", "js": "JS (nats / token)", "top1": "agreement rate",
-            "tv": "TV distance"}
+_YLABELS = {
+    "ppl": "perplexity",
+    "bpb": "bits / byte",
+    "symkl": "symKL (nats / token)",
+    "sce": "SCE (nats / token)",
+    "js": "JS (nats / token)",
+    "top1": "agreement rate",
+    "tv": "TV distance",
+}
 
 
 @dataclass
@@ -79,13 +85,21 @@ def _series(members: Iterable[tuple[Run, str]], metric: str) -> list[Series]:
         points = sorted(run.per_length.get(task, {}).get(metric, {}).items())
         if any(finite(v) for _, v in points):
             errors = [run.error(task, metric, L) for L, _ in points]
-            out.append(Series(run, task, [L for L, _ in points], [v for _, v in points],
-                              [e if finite(e) else math.nan for e in errors]))
+            out.append(
+                Series(
+                    run,
+                    task,
+                    [L for L, _ in points],
+                    [v for _, v in points],
+                    [e if finite(e) else math.nan for e in errors],
+                )
+            )
     return out
 
 
-def _panels(runs: Sequence[Run], by_kind: dict[str, list[grouping.Group]]
-            ) -> list[tuple[str, list[tuple[grouping.Group, list[Series]]]]]:
+def _panels(
+    runs: Sequence[Run], by_kind: dict[str, list[grouping.Group]]
+) -> list[tuple[str, list[tuple[grouping.Group, list[Series]]]]]:
     """[(metric, [(group, its series)])]: the columns, each with one entry per drawable group."""
     columns = []
     for metric in PANEL_METRICS:
@@ -111,17 +125,31 @@ def _wants_log_y(values: Iterable[float]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) > 10
 
 
-def _draw_panel(ax, series: Sequence[Series], metric: str, colours: dict[str, str],
-                trained_context: int | None, subtitle: str) -> None:
+def _draw_panel(
+    ax, series: Sequence[Series], metric: str, colours: dict[str, str], trained_context: int | None, subtitle: str
+) -> None:
     """One metric vs context length: a line per run with ±1 standard-error bars."""
     for s in series:
         errors = [e if math.isfinite(e) else 0.0 for e in s.errors]  # no bar where no error
-        ax.errorbar(s.lengths, s.values, yerr=errors if any(errors) else None, marker="o",
-                    markersize=4, capsize=3, color=colours[s.run.label], label=s.run.label)
+        ax.errorbar(
+            s.lengths,
+            s.values,
+            yerr=errors if any(errors) else None,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            color=colours[s.run.label],
+            label=s.run.label,
+        )
     ticks = sorted({L for s in series for L in s.lengths})
     if trained_context:
-        ax.axvline(trained_context, color="0.4", linestyle="--", linewidth=1.2,
-                   label=f"trained context ({length_label(trained_context)})")
+        ax.axvline(
+            trained_context,
+            color="0.4",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"trained context ({length_label(trained_context)})",
+        )
         ticks = sorted(set(ticks) | {trained_context})
     _format_length_axis(ax, ticks)
     if _wants_log_y(v for s in series for v in s.values):
@@ -149,8 +177,7 @@ def _format_length_axis(ax, ticks: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(list(ticks)))
     ax.xaxis.set_minor_locator(NullLocator())  # log minor ticks would add unlabeled clutter
-    ax.set_xticklabels([length_label(L) for L in ticks],
-                       rotation=45 if len(ticks) > 8 else 0, fontsize=9)
+    ax.set_xticklabels([length_label(L) for L in ticks], rotation=45 if len(ticks) > 8 else 0, fontsize=9)
     ax.set_xlabel("context length L (tokens)")
 
 
@@ -163,8 +190,9 @@ def _subtitle(group: grouping.Group, series: Sequence[Series], groups: Sequence[
     return text
 
 
-def plot_runs(runs: Sequence[Run], out_path: str | Path, trained_context: int | None = None,
-              title: str | None = None) -> Path:
+def plot_runs(
+    runs: Sequence[Run], out_path: str | Path, trained_context: int | None = None, title: str | None = None
+) -> Path:
     """Save a figure of perplexity (and symKL / SCE, if present) vs context length.
 
     Columns: metrics; rows: groups of results that measured the same thing (one row when

@@ -262,10 +262,14 @@ def _model_args_string(data: dict) -> str:
 
 def _merge_into(base: Run, newer: Run) -> None:
     """Add ``newer``'s tasks to ``base``; a task present in both takes ``newer``'s values."""
-    for mine, theirs in ((base.per_length, newer.per_length), (base.scalars, newer.scalars),
-                         (base.metadata, newer.metadata), (base.stderr, newer.stderr),
-                         (base.scalar_stderr, newer.scalar_stderr),
-                         (base.longshort, newer.longshort)):
+    for mine, theirs in (
+        (base.per_length, newer.per_length),
+        (base.scalars, newer.scalars),
+        (base.metadata, newer.metadata),
+        (base.stderr, newer.stderr),
+        (base.scalar_stderr, newer.scalar_stderr),
+        (base.longshort, newer.longshort),
+    ):
         mine.update(theirs)
     base.sources.append(newer.path)
     base.path = newer.path
@@ -349,8 +353,7 @@ def _apply_labels(runs: list[Run], labels: Sequence[str]) -> None:
     if len(labels) != len(runs):
         found = "\n".join(f"  {r.label}: {r.path}" for r in runs)
         raise ReportingError(
-            f"{len(labels)} label(s) given for {len(runs)} run(s); give one --label per run, "
-            f"in this order:\n{found}"
+            f"{len(labels)} label(s) given for {len(runs)} run(s); give one --label per run, in this order:\n{found}"
         )
     for run, label in zip(runs, labels):
         run.label = label

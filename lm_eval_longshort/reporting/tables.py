@@ -33,9 +33,13 @@ def short_task(task: str) -> str:
     return task.removeprefix("longshort_")
 
 
-def render_table(header: Sequence[str], rows: Sequence[Sequence[str]],
-                 groups: Sequence[tuple[str, int]] | None = None, left: int = 0,
-                 markdown: bool = False) -> str:
+def render_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    groups: Sequence[tuple[str, int]] | None = None,
+    left: int = 0,
+    markdown: bool = False,
+) -> str:
     """An aligned plain-text table, or a GitHub Markdown pipe table with ``markdown=True``.
 
     Text: ``groups`` = (title, n_columns) spans printed above the header and separated by
@@ -43,15 +47,17 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     Markdown ignores ``groups`` and escapes "|" in cells so it cannot break the columns.
     """
     if markdown:
+
         def esc(cell: str) -> str:
             return cell.replace("|", "\\|")
+
         lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     spans = list(groups or [])
     start = 0
     for title, n in spans:  # widen a group's last column if its title does not fit
-        span = sum(widths[start:start + n]) + 2 * (n - 1)
+        span = sum(widths[start : start + n]) + 2 * (n - 1)
         widths[start + n - 1] += max(0, len(title) - span)
         start += n
 
@@ -63,7 +69,7 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     if spans:
         titles, start = [], 0
         for title, n in spans:
-            titles.append(title.ljust(sum(widths[start:start + n]) + 2 * (n - 1)))
+            titles.append(title.ljust(sum(widths[start : start + n]) + 2 * (n - 1)))
             start += n
         lines.append(" | ".join(titles).rstrip())
     lines.append(line(header))
@@ -78,7 +84,7 @@ def _join_groups(cells: Sequence[str], spans: Sequence[tuple[str, int]]) -> str:
         return "  ".join(cells)
     parts, start = [], 0
     for _, n in spans:
-        parts.append("  ".join(cells[start:start + n]))
+        parts.append("  ".join(cells[start : start + n]))
         start += n
     return " | ".join(parts)
 
@@ -104,8 +110,9 @@ def format_length_table(run: Run) -> str:
     if not columns:
         return "(no per-length metrics: were these longshort_* tasks?)"
     header = ["L"] + [metric for _, metric in columns]
-    rows = [[str(L)] + [format_with_error(run.value(t, m, L), run.error(t, m, L)) for t, m in columns]
-            for L in run.lengths]
+    rows = [
+        [str(L)] + [format_with_error(run.value(t, m, L), run.error(t, m, L)) for t, m in columns] for L in run.lengths
+    ]
     groups = [("", 1)]
     for task in dict.fromkeys(t for t, _ in columns):
         groups.append((short_task(task), sum(1 for t, _ in columns if t == task)))
