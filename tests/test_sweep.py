@@ -3,7 +3,8 @@
 Real parts only: the embedded SmolLM2 through lm-eval's own simple_evaluate (hf backend),
 tiny lengths (32, 64) on two plays, perplexity and (renamed) `last` misalignment. The reference
 sweep has three runs: the model as is, a YaRN variant whose "trained window" is overridden to
-32 tokens (so L = 64 lies beyond it), and a run whose max_length is too small, which must fail without stopping the sweep.
+32 tokens (so L = 64 lies beyond it), and a run whose max_length is too small, which must fail
+without stopping the sweep.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def sweep_yaml(folder: Path, **changes) -> Path:
         "metadata": {"lengths": LENGTHS, "target_tokens": 16, "pairs": 1, "seed": 7},
         "samples": [0, 1],
         "bootstrap_iters": 10,
-        "runs": [{"name": "base"}, {"name": "yarn", "rope": YARN_32},
-                 {"name": "too_short", "model_args": {"max_length": 40}}],
+        "runs": [
+            {"name": "base"},
+            {"name": "yarn", "rope": YARN_32},
+            {"name": "too_short", "model_args": {"max_length": 40}},
+        ],
         **changes,
     }
     path = folder / "sweep.yaml"
@@ -69,8 +73,15 @@ def reference(tmp_path_factory, assets):
     """An uninterrupted sweep through the CLI (a process like the interrupted one, so float
     reductions run on the same threads): (completed process, output folder)."""
     folder = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(_sweep_cli(sweep_yaml(folder), folder / "out"), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        _sweep_cli(sweep_yaml(folder), folder / "out"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     return proc, folder / "out"
 
 
@@ -121,8 +132,10 @@ def test_report_tables_equal_the_results_json(reference):
     base, yarn = results_json(out, "base"), results_json(out, "yarn")
     # L = 32 is inside the overridden window... YaRN still rescales low frequencies, but L = 64 lies
     # beyond it: the variant must change the numbers there.
-    assert base["results"]["longshort_ppl_shakespeare"]["ppl@64,none"] != \
-        yarn["results"]["longshort_ppl_shakespeare"]["ppl@64,none"]
+    assert (
+        base["results"]["longshort_ppl_shakespeare"]["ppl@64,none"]
+        != yarn["results"]["longshort_ppl_shakespeare"]["ppl@64,none"]
+    )
     assert Path(yarn["config"]["model_args"]["pretrained"]).parent.name == "models"
 
 
@@ -192,8 +205,9 @@ def test_killed_sweep_restarts_without_recomputing(tmp_path, reference, assets):
     """SIGKILL once run 1 finished and run 2 committed documents; the restart skips run 1, resumes
     run 2 from its cache, and ends with the same report as the uninterrupted sweep."""
     path, out = sweep_yaml(tmp_path), tmp_path / "out"
-    proc = subprocess.Popen(_sweep_cli(path, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sweep_cli(path, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     try:
         while _cache_rows(out / "cache" / "yarn_rank0.db") < 1:
@@ -208,8 +222,9 @@ def test_killed_sweep_restarts_without_recomputing(tmp_path, reference, assets):
     assert not list((out / "runs" / "yarn").glob("results_*.json"))
     committed = _cache_rows(out / "cache" / "yarn_rank0.db")
 
-    again = subprocess.run(_sweep_cli(path, out), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           timeout=300, check=False)
+    again = subprocess.run(
+        _sweep_cli(path, out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False
+    )
     log = again.stdout + again.stderr
     assert again.returncode == 1, log  # too_short fails again, as in the reference
     assert "run 1/3 base: already finished, skipped" in log
@@ -240,8 +255,9 @@ def test_variant_folder_changes_positions_beyond_the_window(tmp_path, assets, sm
 
     base_model, tokenizer = smol
     ids = torch.tensor([tokenizer(plays[0]["text"][:2000])["input_ids"][:80]])
-    variant = variants.make_variant(str(assets.model_dir), rope={"type": "dynamic", "factor": 2,
-                                                                  "original_max_position_embeddings": 32})
+    variant = variants.make_variant(
+        str(assets.model_dir), rope={"type": "dynamic", "factor": 2, "original_max_position_embeddings": 32}
+    )
     folder = variant.materialise(tmp_path / "dyn")
     assert (folder / "model.safetensors").is_symlink()
     assert (folder / "model.safetensors").resolve() == (assets.model_dir / "model.safetensors").resolve()
@@ -270,8 +286,12 @@ def test_yarn_variant_equals_an_independent_model(tmp_path, assets, smol, plays)
     assert (got[40:] - _logits(base_model, ids)[40:]).abs().max() > 1e-2
     config = AutoConfig.from_pretrained(assets.model_dir)
     config.max_position_embeddings = 64
-    config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
-                              "rope_theta": config.rope_parameters["rope_theta"]}
+    config.rope_parameters = {
+        "rope_type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 32,
+        "rope_theta": config.rope_parameters["rope_theta"],
+    }
     independent = AutoModelForCausalLM.from_pretrained(assets.model_dir, config=config, dtype=torch.float32).eval()
     torch.testing.assert_close(got, _logits(independent, ids), rtol=0, atol=1e-5)
 
@@ -279,19 +299,28 @@ def test_yarn_variant_equals_an_independent_model(tmp_path, assets, smol, plays)
 # --------------------------------------------------------------------------- bad input, before any model
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"lenghts": [32]}, "unknown key 'lenghts'"),
-    ({"runs": [{"name": "a", "rop": YARN_32}]}, "unknown key 'rop' (did you mean 'rope'?)"),
-    ({"runs": [{"name": "a", "model_args": {"pretrained": "/nonexistent/model"}, "base": None}]},
-     "/nonexistent/model: no such folder"),
-    ({"runs": [{"name": "a", "overrides": {"max_position_embedding": 64}}]},
-     "overrides ['max_position_embedding']: not keys of"),
-    ({"runs": [{"name": "a", "overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}}]},
-     "reads RoPE scaling from 'rope_parameters'"),
-    ({"tasks": ["longshort_ppl_shakespear"]}, "no lm-eval task named 'longshort_ppl_shakespear'"),
-    ({"runs": [{"name": "a"}, {"name": "a", "rope": YARN_32}]}, "two runs are named 'a'"),
-    ({"metadata": {"lengths": [32], "pairz": 2}}, "unknown metadata key(s) ['pairz']"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lenghts": [32]}, "unknown key 'lenghts'"),
+        ({"runs": [{"name": "a", "rop": YARN_32}]}, "unknown key 'rop' (did you mean 'rope'?)"),
+        (
+            {"runs": [{"name": "a", "model_args": {"pretrained": "/nonexistent/model"}, "base": None}]},
+            "/nonexistent/model: no such folder",
+        ),
+        (
+            {"runs": [{"name": "a", "overrides": {"max_position_embedding": 64}}]},
+            "overrides ['max_position_embedding']: not keys of",
+        ),
+        (
+            {"runs": [{"name": "a", "overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}}]},
+            "reads RoPE scaling from 'rope_parameters'",
+        ),
+        ({"tasks": ["longshort_ppl_shakespear"]}, "no lm-eval task named 'longshort_ppl_shakespear'"),
+        ({"runs": [{"name": "a"}, {"name": "a", "rope": YARN_32}]}, "two runs are named 'a'"),
+        ({"metadata": {"lengths": [32], "pairz": 2}}, "unknown metadata key(s) ['pairz']"),
+    ],
+)
 def test_bad_sweeps_fail_before_any_model_loads(tmp_path, assets, change, message, capsys):
     from lm_eval_longshort import cli
 

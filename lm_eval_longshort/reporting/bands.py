@@ -44,8 +44,7 @@ def colours_for(labels: Sequence[str]) -> dict[str, str]:
     return {label: f"C{i % 10}" for i, label in enumerate(labels)}
 
 
-def _draw_bands(ax, runs: Sequence[Run], panel: Panel, colours: dict[str, str],
-                trained_context: int | None) -> bool:
+def _draw_bands(ax, runs: Sequence[Run], panel: Panel, colours: dict[str, str], trained_context: int | None) -> bool:
     """Lines with ±1 stderr bands; False when no run has a finite value for this panel."""
     series = plots._series([(run, panel.task) for run in runs], panel.metric)
     if not series:
@@ -58,8 +57,13 @@ def _draw_bands(ax, runs: Sequence[Run], panel: Panel, colours: dict[str, str],
         ax.fill_between(s.lengths, lo, hi, color=colour, alpha=0.18, linewidth=0)
     ticks = sorted({L for s in series for L in s.lengths})
     if trained_context:
-        ax.axvline(trained_context, color="0.4", linestyle="--", linewidth=1.2,
-                   label=f"trained context ({plots.length_label(trained_context)})")
+        ax.axvline(
+            trained_context,
+            color="0.4",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"trained context ({plots.length_label(trained_context)})",
+        )
         ticks = sorted(set(ticks) | {trained_context})
     plots._format_length_axis(ax, ticks)
     if plots._wants_log_y(v for s in series for v in s.values):
@@ -80,12 +84,26 @@ def _figure(n_panels: int, columns: int):
     return fig, [ax for row in fig.subplots(rows, columns, squeeze=False) for ax in row]
 
 
-def plot_length_bands(runs: Sequence[Run], panels: Sequence[Panel], out_path: str | Path,
-                      trained_context: int | None = None, title: str | None = None,
-                      columns: int = 2, labels: Sequence[str] | None = None) -> Path:
+def plot_length_bands(
+    runs: Sequence[Run],
+    panels: Sequence[Panel],
+    out_path: str | Path,
+    trained_context: int | None = None,
+    title: str | None = None,
+    columns: int = 2,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Save one panel per (task, metric): value vs context length, a line and band per run."""
-    return _save(runs, len(panels), out_path, columns, labels, title, "no finite value in any panel",
-                 lambda ax, i, colours: _draw_bands(ax, runs, panels[i], colours, trained_context))
+    return _save(
+        runs,
+        len(panels),
+        out_path,
+        columns,
+        labels,
+        title,
+        "no finite value in any panel",
+        lambda ax, i, colours: _draw_bands(ax, runs, panels[i], colours, trained_context),
+    )
 
 
 def _save(runs, n_panels, out_path, columns, labels, title, empty, draw) -> Path:
@@ -124,8 +142,14 @@ def _draw_scatter(ax, runs: Sequence[Run], panel: ScatterPanel, colours: dict[st
     any_point = False
     for run in runs:
         for L, x, y in scatter_points(run, panel):
-            ax.scatter(x, y, color=colours.get(run.label, "0.3"), marker=markers[lengths.index(L) % len(markers)],
-                       s=36, label=f"{run.label} · L={plots.length_label(L)}")
+            ax.scatter(
+                x,
+                y,
+                color=colours.get(run.label, "0.3"),
+                marker=markers[lengths.index(L) % len(markers)],
+                s=36,
+                label=f"{run.label} · L={plots.length_label(L)}",
+            )
             any_point = True
     if not any_point:
         return False
@@ -144,8 +168,22 @@ def _draw_scatter(ax, runs: Sequence[Run], panel: ScatterPanel, colours: dict[st
     return True
 
 
-def plot_scatter(runs: Sequence[Run], panels: Sequence[ScatterPanel], out_path: str | Path,
-                 title: str | None = None, columns: int = 2, labels: Sequence[str] | None = None) -> Path:
+def plot_scatter(
+    runs: Sequence[Run],
+    panels: Sequence[ScatterPanel],
+    out_path: str | Path,
+    title: str | None = None,
+    columns: int = 2,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Save misalignment@L against perplexity, one panel per ScatterPanel."""
-    return _save(runs, len(panels), out_path, columns, labels, title, "no run has both metrics at any length",
-                 lambda ax, i, colours: _draw_scatter(ax, runs, panels[i], colours))
+    return _save(
+        runs,
+        len(panels),
+        out_path,
+        columns,
+        labels,
+        title,
+        "no run has both metrics at any length",
+        lambda ax, i, colours: _draw_scatter(ax, runs, panels[i], colours),
+    )

@@ -1,9 +1,9 @@
 """`lm-eval-longshort sweep SWEEP.yaml`: many models (or RoPE variants of one), one report.
 
-  spec      read the sweep YAML, apply --quick, validate everything before any model loads
-  variants  a base model folder + config overrides (RoPE scaling) -> a loadable model folder
-  execute   one run at a time through lm_eval.simple_evaluate; skip finished, resume, record failures
-  report    Markdown tables ± standard errors, correlations across runs, PNG plots, CSV
+spec      read the sweep YAML, apply --quick, validate everything before any model loads
+variants  a base model folder + config overrides (RoPE scaling) -> a loadable model folder
+execute   one run at a time through lm_eval.simple_evaluate; skip finished, resume, record failures
+report    Markdown tables ± standard errors, correlations across runs, PNG plots, CSV
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ __all__ = ["RunSpec", "Sweep", "SweepError", "TaskSpec", "add_arguments", "load_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sweep` subcommand's options."""
     parser.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file (runs, tasks, metadata)")
-    parser.add_argument("--quick", action="store_true",
-                        help="use the file's quick: preset (fewer documents and lengths)")
-    parser.add_argument("--output", default=None, metavar="DIR",
-                        help="output folder (default: the file's output:, else sweep_results/NAME[-quick])")
+    parser.add_argument(
+        "--quick", action="store_true", help="use the file's quick: preset (fewer documents and lengths)"
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="output folder (default: the file's output:, else sweep_results/NAME[-quick])",
+    )
     parser.add_argument("--check", action="store_true", help="validate the sweep and print its plan; run nothing")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the report from the runs already finished; run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from the runs already finished; run nothing"
+    )
 
 
 def _print_plan(sweep: Sweep) -> None:

@@ -131,13 +131,17 @@ def check_output(sweep: Sweep, layout: Layout) -> None:
     stale = []
     for run in sweep.runs:
         plan_file = layout.run_dir(run.name) / "plan.json"
-        if (layout.results(run.name) and plan_file.is_file()
-                and plan_json(json.loads(plan_file.read_text(encoding="utf-8"))) != plan_json(sweep.run_plan(run))):
+        if (
+            layout.results(run.name)
+            and plan_file.is_file()
+            and plan_json(json.loads(plan_file.read_text(encoding="utf-8"))) != plan_json(sweep.run_plan(run))
+        ):
             stale.append(run.name)
     if stale:
         raise SweepError(
             f"{layout.root}: finished run(s) {', '.join(stale)} were computed with another definition (tasks, "
-            "metadata, documents or model); use another --output, or delete runs/<name> for each to recompute it")
+            "metadata, documents or model); use another --output, or delete runs/<name> for each to recompute it"
+        )
 
 
 # --------------------------------------------------------------------------- one run
@@ -156,11 +160,19 @@ def evaluate_run(sweep: Sweep, run: RunSpec, layout: Layout) -> Path:
     layout.cache(run.name).parent.mkdir(parents=True, exist_ok=True)
     tracker = EvaluationTracker(output_path=str(partial))
     results = lm_eval.simple_evaluate(
-        model=run.backend, model_args=model_args, tasks=[t.lm_eval_spec() for t in sweep.tasks],
-        samples=sweep.samples_by_task(), limit=sweep.limit, use_cache=str(layout.cache(run.name)),
-        bootstrap_iters=sweep.bootstrap_iters, device=sweep.resolved_device(), evaluation_tracker=tracker,
+        model=run.backend,
+        model_args=model_args,
+        tasks=[t.lm_eval_spec() for t in sweep.tasks],
+        samples=sweep.samples_by_task(),
+        limit=sweep.limit,
+        use_cache=str(layout.cache(run.name)),
+        bootstrap_iters=sweep.bootstrap_iters,
+        device=sweep.resolved_device(),
+        evaluation_tracker=tracker,
         task_manager=sweep.task_manager,
-        metadata=sweep.metadata, log_samples=False)
+        metadata=sweep.metadata,
+        log_samples=False,
+    )
     if results is None:
         raise RuntimeError("lm-eval returned no results (this process is not rank 0)")
     results["longshort_sweep"] = {"sweep": sweep.name, "run": run.name, "plan": sweep.run_plan(run)}
@@ -176,8 +188,9 @@ def evaluate_run(sweep: Sweep, run: RunSpec, layout: Layout) -> Path:
 
 def _record_failure(layout: Layout, run: RunSpec, exc: BaseException) -> str:
     error = f"{type(exc).__name__}: {exc}"
-    (layout.run_dir(run.name) / "failed.json").write_text(json.dumps(
-        {"error": error, "traceback": traceback.format_exc()}, indent=2), encoding="utf-8")
+    (layout.run_dir(run.name) / "failed.json").write_text(
+        json.dumps({"error": error, "traceback": traceback.format_exc()}, indent=2), encoding="utf-8"
+    )
     return error
 
 
@@ -212,8 +225,11 @@ def _status(layout: Layout, sweep: Sweep, seconds: dict[str, float]) -> None:
     status = {}
     for run in sweep.runs:
         state = "finished" if layout.results(run.name) else "failed" if layout.failure(run.name) else "pending"
-        status[run.name] = {"status": state, "seconds_this_session": seconds.get(run.name),
-                            "error": layout.failure(run.name) if state == "failed" else None}
+        status[run.name] = {
+            "status": state,
+            "seconds_this_session": seconds.get(run.name),
+            "error": layout.failure(run.name) if state == "failed" else None,
+        }
     (layout.root / "sweep_status.json").write_text(json.dumps(status, indent=2), encoding="utf-8")
 
 
@@ -233,30 +249,37 @@ def run_sweep(sweep: Sweep, progress: Progress | None = None) -> SweepOutcome:
             continue
         layout.run_dir(run.name).mkdir(parents=True, exist_ok=True)
         (layout.run_dir(run.name) / "plan.json").write_text(json.dumps(sweep.run_plan(run), indent=2), encoding="utf-8")
-        progress.say(f"{label}: starting ({run.backend}, {Path(str(run.model_args.get('pretrained'))).name}"
-                     f"{', variant' if run.variant else ''}); overall: {progress.estimate(total - i + 1)}")
+        progress.say(
+            f"{label}: starting ({run.backend}, {Path(str(run.model_args.get('pretrained'))).name}"
+            f"{', variant' if run.variant else ''}); overall: {progress.estimate(total - i + 1)}"
+        )
         began = time.monotonic()
         try:
             with progress.heartbeat(label):
                 path = evaluate_run(sweep, run, layout)
         except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
             failed[run.name] = _record_failure(layout, run, exc)
-            progress.say(f"{label}: FAILED after {_duration(time.monotonic() - began)}: "
-                         f"{failed[run.name].splitlines()[0]}")
+            progress.say(
+                f"{label}: FAILED after {_duration(time.monotonic() - began)}: {failed[run.name].splitlines()[0]}"
+            )
         else:
             (layout.run_dir(run.name) / "failed.json").unlink(missing_ok=True)
             took = time.monotonic() - began
             seconds[run.name] = took
             progress.durations.append(took)
             finished.append(run.name)
-            progress.say(f"{label}: finished in {_duration(took)} -> {path}; overall: "
-                         f"{i}/{total} done, {progress.estimate(total - i)}")
+            progress.say(
+                f"{label}: finished in {_duration(took)} -> {path}; overall: "
+                f"{i}/{total} done, {progress.estimate(total - i)}"
+            )
         finally:
             _release_memory()
             _status(layout, sweep, seconds)
     outcome = SweepOutcome(write_sweep_report(sweep, layout), finished, failed, skipped)
-    progress.say(f"done in {_duration(time.monotonic() - progress.start)}: {len(finished)} run(s) scored, "
-                 f"{len(skipped)} already finished, {len(failed)} failed")
+    progress.say(
+        f"done in {_duration(time.monotonic() - progress.start)}: {len(finished)} run(s) scored, "
+        f"{len(skipped)} already finished, {len(failed)} failed"
+    )
     if outcome.report:
         progress.say(f"report: {outcome.report}")
     return outcome
@@ -268,8 +291,11 @@ def load_finished(sweep: Sweep, layout: Layout) -> report.SweepRuns:
 
     done = [(run.name, layout.results(run.name)) for run in sweep.runs if layout.results(run.name)]
     runs = reporting.load_runs([p for _, p in done], labels=[n for n, _ in done]) if done else []
-    failed = {run.name: layout.failure(run.name) or "" for run in sweep.runs
-              if not layout.results(run.name) and layout.failure(run.name)}
+    failed = {
+        run.name: layout.failure(run.name) or ""
+        for run in sweep.runs
+        if not layout.results(run.name) and layout.failure(run.name)
+    }
     pending = [run.name for run in sweep.runs if not layout.results(run.name) and run.name not in failed]
     return report.SweepRuns(runs, failed, pending)
 

@@ -49,8 +49,13 @@ def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (xc * yc).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def bootstrap_intervals(x: Sequence[float], y: Sequence[float], draws: int = BOOTSTRAP_DRAWS,
-                        seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> dict[str, tuple[float, float]]:
+def bootstrap_intervals(
+    x: Sequence[float],
+    y: Sequence[float],
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = LEVEL,
+) -> dict[str, tuple[float, float]]:
     """Percentile intervals of Pearson r and Spearman rho, resampling runs with replacement.
 
     ``idx = default_rng(seed).integers(0, n, (draws, n))``; a draw where either side is constant
@@ -66,8 +71,7 @@ def bootstrap_intervals(x: Sequence[float], y: Sequence[float], draws: int = BOO
     idx = np.random.default_rng(seed).integers(0, x.size, size=(draws, x.size))
     xs, ys = x[idx], y[idx]
     out = {}
-    for name, (a, b) in {"pearson": (xs, ys),
-                         "spearman": (rankdata(xs, axis=1), rankdata(ys, axis=1))}.items():
+    for name, (a, b) in {"pearson": (xs, ys), "spearman": (rankdata(xs, axis=1), rankdata(ys, axis=1))}.items():
         r = _rowwise_pearson(a, b)
         r = r[np.isfinite(r)]
         tail = (1 - level) / 2 * 100
@@ -115,8 +119,20 @@ def correlation_rows(runs: Sequence[Run], misalign_task: str, ppl_task: str) -> 
                 y = [r.value(ppl_task, "ppl", ppl_at) for r in runs]
                 n, r_, rho, ci = correlate(x, y)
                 used = tuple(r.label for r, a, b in zip(runs, x, y) if finite(a) and finite(b))
-                rows.append(CorrelationRow(misalign_task, metric, L, "ppl@L" if target == "same" else f"ppl@{longest}",
-                                           n, r_, ci["pearson"], rho, ci["spearman"], used))
+                rows.append(
+                    CorrelationRow(
+                        misalign_task,
+                        metric,
+                        L,
+                        "ppl@L" if target == "same" else f"ppl@{longest}",
+                        n,
+                        r_,
+                        ci["pearson"],
+                        rho,
+                        ci["spearman"],
+                        used,
+                    )
+                )
     return rows
 
 
@@ -130,8 +146,11 @@ def _interval(ci: tuple[float, float]) -> str:
 def metric_table(runs: Sequence[Run], task: str, metric: str) -> str:
     """Markdown: a row per run, a column per length, cells value ± standard error."""
     lengths = sorted({L for r in runs for L in r.per_length.get(task, {}).get(metric, {})})
-    rows = [[r.label] + [format_with_error(r.value(task, metric, L), r.error(task, metric, L)) for L in lengths]
-            for r in runs if task in r.per_length]
+    rows = [
+        [r.label] + [format_with_error(r.value(task, metric, L), r.error(task, metric, L)) for L in lengths]
+        for r in runs
+        if task in r.per_length
+    ]
     return render_table(["run"] + [f"L={L}" for L in lengths], rows, markdown=True)
 
 
@@ -146,16 +165,30 @@ def scalar_table(runs: Sequence[Run], task: str) -> str | None:
         cells = []
         for s in names:
             v = values.get(s)
-            cells.append(reporting.tables.NO_KEY_TOKENS if s == "keyppl" and v is not None and math.isnan(v)
-                         else format_with_error(v, errors.get(s)))
+            cells.append(
+                reporting.tables.NO_KEY_TOKENS
+                if s == "keyppl" and v is not None and math.isnan(v)
+                else format_with_error(v, errors.get(s))
+            )
         rows.append([r.label] + cells)
     return render_table(["run", *names], rows, markdown=True)
 
 
 def correlation_table(rows: Sequence[CorrelationRow]) -> str:
     header = ["metric", "L", "versus", "n", "Pearson r", f"{LEVEL:.0%} CI", "Spearman rho", f"{LEVEL:.0%} CI"]
-    cells = [[c.metric, str(c.length), c.versus, str(c.n), format_value(c.pearson), _interval(c.pearson_ci),
-              format_value(c.spearman), _interval(c.spearman_ci)] for c in rows]
+    cells = [
+        [
+            c.metric,
+            str(c.length),
+            c.versus,
+            str(c.n),
+            format_value(c.pearson),
+            _interval(c.pearson_ci),
+            format_value(c.spearman),
+            _interval(c.spearman_ci),
+        ]
+        for c in rows
+    ]
     return render_table(header, cells, markdown=True)
 
 
@@ -199,11 +232,23 @@ def _runs_section(sweep, loaded: SweepRuns) -> list[str]:
         variant = json.dumps(spec.variant.overrides, sort_keys=True) if spec.variant else "(as is)"
         model = Path(str(spec.model_args.get("pretrained", ""))).name
         run = by_name.get(spec.name)
-        status = ("finished" if run else "FAILED" if spec.name in loaded.failed else "not run yet")
-        rows.append([spec.name, spec.backend, run.dtype if run else str(spec.model_args.get("dtype", "?")),
-                     model, f"`{variant}`", status])
-    out = ["## Runs", "", render_table(["run", "backend", "dtype", "model", "config overrides", "status"],
-                                       rows, markdown=True), ""]
+        status = "finished" if run else "FAILED" if spec.name in loaded.failed else "not run yet"
+        rows.append(
+            [
+                spec.name,
+                spec.backend,
+                run.dtype if run else str(spec.model_args.get("dtype", "?")),
+                model,
+                f"`{variant}`",
+                status,
+            ]
+        )
+    out = [
+        "## Runs",
+        "",
+        render_table(["run", "backend", "dtype", "model", "config overrides", "status"], rows, markdown=True),
+        "",
+    ]
     for name, error in loaded.failed.items():
         out += [f"- **{name} failed**: `{error.splitlines()[0] if error else '?'}` (see runs/{name}/failed.json)"]
     return out + ([""] if loaded.failed else [])
@@ -224,8 +269,14 @@ def _tables_section(runs: Sequence[Run]) -> list[str]:
         for task in _kind_tasks(runs, kind):
             groups = grouping.group_results([(r, task) for r in runs if task in r.per_length], kind)
             if len(groups) > 1:
-                out += [f"Note: the runs' {task} results measured different things; do not compare them:", "",
-                        "```", grouping.describe_split(groups), "```", ""]
+                out += [
+                    f"Note: the runs' {task} results measured different things; do not compare them:",
+                    "",
+                    "```",
+                    grouping.describe_split(groups),
+                    "```",
+                    "",
+                ]
     return out
 
 
@@ -235,25 +286,37 @@ def noise_table(runs: Sequence[Run], tasks: Sequence[str]) -> str:
     rows = []
     for task in tasks:
         for metric in CORRELATED:
-            ratios = [r.error(task, metric, L) / v for r in runs
-                      for L, v in r.per_length.get(task, {}).get(metric, {}).items()
-                      if finite(v) and v > 0 and finite(r.error(task, metric, L))]
+            ratios = [
+                r.error(task, metric, L) / v
+                for r in runs
+                for L, v in r.per_length.get(task, {}).get(metric, {}).items()
+                if finite(v) and v > 0 and finite(r.error(task, metric, L))
+            ]
             if ratios:
                 rows.append([task, metric, f"{float(np.median(ratios)):.3g}", str(len(ratios))])
     return render_table(["task", "metric", "median se / value", "cells"], rows, markdown=True)
 
 
 def _correlation_section(runs: Sequence[Run]) -> tuple[list[str], list[CorrelationRow]]:
-    out = ["## Misalignment vs perplexity across runs", "",
-           (f"Each row correlates a misalignment metric at length L with perplexity (at the same L, or at the "
+    out = [
+        "## Misalignment vs perplexity across runs",
+        "",
+        (
+            f"Each row correlates a misalignment metric at length L with perplexity (at the same L, or at the "
             f"longest length) across the n runs. Intervals: {LEVEL:.0%} percentile bootstrap over runs "
-            f"({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); none below 3 runs. With n = 2, |r| = 1 trivially."),
-           ""]
+            f"({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); none below 3 runs. With n = 2, |r| = 1 trivially."
+        ),
+        "",
+    ]
     all_rows = []
     mis_tasks = _kind_tasks(runs, "misalign")
     if mis_tasks:
-        out += ["Precision of each misalignment measure (smaller ranks runs more reliably):", "",
-                noise_table(runs, mis_tasks), ""]
+        out += [
+            "Precision of each misalignment measure (smaller ranks runs more reliably):",
+            "",
+            noise_table(runs, mis_tasks),
+            "",
+        ]
     for ppl_task in _kind_tasks(runs, "ppl"):
         for task in _kind_tasks(runs, "misalign"):
             rows = correlation_rows(runs, task, ppl_task)
@@ -281,11 +344,37 @@ def values_csv(runs: Sequence[Run]) -> str:
 def correlations_csv(rows: Sequence[CorrelationRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "metric", "L", "versus", "n", "pearson", "pearson_lo", "pearson_hi",
-                     "spearman", "spearman_lo", "spearman_hi", "runs"])
+    writer.writerow(
+        [
+            "task",
+            "metric",
+            "L",
+            "versus",
+            "n",
+            "pearson",
+            "pearson_lo",
+            "pearson_hi",
+            "spearman",
+            "spearman_lo",
+            "spearman_hi",
+            "runs",
+        ]
+    )
     for c in rows:
-        writer.writerow([c.task, c.metric, c.length, c.versus, c.n, _csv(c.pearson), *map(_csv, c.pearson_ci),
-                         _csv(c.spearman), *map(_csv, c.spearman_ci), " ".join(c.runs)])
+        writer.writerow(
+            [
+                c.task,
+                c.metric,
+                c.length,
+                c.versus,
+                c.n,
+                _csv(c.pearson),
+                *map(_csv, c.pearson_ci),
+                _csv(c.spearman),
+                *map(_csv, c.spearman_ci),
+                " ".join(c.runs),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -301,16 +390,31 @@ def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
     figures = []  # (title, draw(path), file name); panels bound now, not when drawn
     if ppl_tasks:
         ppl_panels = [bands.Panel(t, "ppl", f"Perplexity · {t}") for t in ppl_tasks]
-        figures.append(("Perplexity vs context length", lambda p: bands.plot_length_bands(
-            runs, ppl_panels, p, trained, columns=len(ppl_panels), labels=labels), "ppl_vs_length.png"))
+        figures.append(
+            (
+                "Perplexity vs context length",
+                lambda p: bands.plot_length_bands(runs, ppl_panels, p, trained, columns=len(ppl_panels), labels=labels),
+                "ppl_vs_length.png",
+            )
+        )
     if mis_tasks:
         mis_panels = [bands.Panel(t, m, f"{m} · {t}") for t in mis_tasks for m in CORRELATED]
-        figures.append(("Misalignment vs context length", lambda p: bands.plot_length_bands(
-            runs, mis_panels, p, trained, columns=len(CORRELATED), labels=labels), "misalignment_vs_length.png"))
+        figures.append(
+            (
+                "Misalignment vs context length",
+                lambda p: bands.plot_length_bands(runs, mis_panels, p, trained, columns=len(CORRELATED), labels=labels),
+                "misalignment_vs_length.png",
+            )
+        )
     if ppl_tasks and mis_tasks:
         dots = [bands.ScatterPanel(t, "symkl", ppl_tasks[0], title=f"symkl@L ({t}) vs ppl@L") for t in mis_tasks]
-        figures.append(("Misalignment vs perplexity (each point a run at one L)", lambda p: bands.plot_scatter(
-            runs, dots, p, columns=len(dots), labels=labels), "misalignment_vs_ppl.png"))
+        figures.append(
+            (
+                "Misalignment vs perplexity (each point a run at one L)",
+                lambda p: bands.plot_scatter(runs, dots, p, columns=len(dots), labels=labels),
+                "misalignment_vs_ppl.png",
+            )
+        )
     out = ["## Plots", ""]
     for title, draw, name in figures:
         try:
@@ -330,8 +434,12 @@ def write_report(sweep, loaded: SweepRuns, folder: Path) -> Path:
     head = [f"# Sweep `{sweep.name}`" + (" (--quick preset)" if sweep.quick else ""), ""]
     if sweep.description:
         head += [sweep.description.strip(), ""]
-    head += [f"Sweep file: `{sweep.path.name}`; {len(runs)} of {len(sweep.runs)} runs finished"
-             + (f", {len(loaded.failed)} failed" if loaded.failed else "") + ".", ""]
+    head += [
+        f"Sweep file: `{sweep.path.name}`; {len(runs)} of {len(sweep.runs)} runs finished"
+        + (f", {len(loaded.failed)} failed" if loaded.failed else "")
+        + ".",
+        "",
+    ]
     body = _runs_section(sweep, loaded)
     corr_rows: list[CorrelationRow] = []
     if runs:

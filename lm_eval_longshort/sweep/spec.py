@@ -26,8 +26,23 @@ from lm_eval_longshort.sweep import variants
 BACKENDS = ("hf", "vllm")
 EMBEDDED = "embedded"  # `base: embedded`: the SmolLM2 folder made by `lm-eval-longshort prepare`
 
-SWEEP_KEYS = ("name", "description", "backend", "model_args", "base", "device", "tasks", "metadata", "samples",
-              "limit", "bootstrap_iters", "trained_context", "runs", "quick", "output")
+SWEEP_KEYS = (
+    "name",
+    "description",
+    "backend",
+    "model_args",
+    "base",
+    "device",
+    "tasks",
+    "metadata",
+    "samples",
+    "limit",
+    "bootstrap_iters",
+    "trained_context",
+    "runs",
+    "quick",
+    "output",
+)
 RUN_KEYS = ("name", "description", "backend", "model_args", "base", "rope", "overrides")
 TASK_KEYS = ("task", "as", "metadata")
 # What --quick may replace: metadata and model_args are merged over the full sweep's, the rest replaced.
@@ -82,8 +97,12 @@ class RunSpec:
         args = dict(self.model_args)
         if self.variant is not None:
             args.pop("pretrained", None)
-        return {"name": self.name, "backend": self.backend, "model_args": args,
-                "variant": self.variant.describe() if self.variant else None}
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "model_args": args,
+            "variant": self.variant.describe() if self.variant else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -120,9 +139,13 @@ class Sweep:
 
     def shared_plan(self) -> dict:
         """What every run shares (tasks, metadata, documents); part of each run's plan."""
-        return {"tasks": [{"name": t.name, "source": t.source, "metadata": t.metadata} for t in self.tasks],
-                "metadata": self.metadata, "samples": list(self.samples) if self.samples else None,
-                "limit": self.limit, "bootstrap_iters": self.bootstrap_iters}
+        return {
+            "tasks": [{"name": t.name, "source": t.source, "metadata": t.metadata} for t in self.tasks],
+            "metadata": self.metadata,
+            "samples": list(self.samples) if self.samples else None,
+            "limit": self.limit,
+            "bootstrap_iters": self.bootstrap_iters,
+        }
 
     def run_plan(self, run: RunSpec) -> dict:
         return {"sweep": self.shared_plan(), "run": run.plan()}
@@ -165,8 +188,10 @@ def apply_quick(data: dict, path: Path) -> dict:
     """The sweep with its ``quick`` preset applied (metadata / model_args merged, the rest replaced)."""
     quick = data.get("quick")
     if not isinstance(quick, dict) or not quick:
-        raise SweepError(f"{path}: --quick needs a 'quick:' section in the sweep file (keys: "
-                         f"{', '.join(QUICK_KEYS)}); this file has none")
+        raise SweepError(
+            f"{path}: --quick needs a 'quick:' section in the sweep file (keys: "
+            f"{', '.join(QUICK_KEYS)}); this file has none"
+        )
     out = {k: v for k, v in data.items() if k != "quick"}
     for key, value in quick.items():
         if key in ("metadata", "model_args"):
@@ -215,7 +240,7 @@ def _task_manager(metadata: dict, names: Iterable[str]):
 
 
 def _task_kind(yaml_path: Path | None) -> str | None:
-    """"ppl" / "misalign" for a longshort task YAML (its class's KIND), else None."""
+    """ "ppl" / "misalign" for a longshort task YAML (its class's KIND), else None."""
     if yaml_path is None:
         return None
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -241,8 +266,10 @@ def _parse_task(entry: Any, index, problems: list[str], i: int) -> TaskSpec | No
         problems.append(f"{where}: no lm-eval task named '{source}'{hint}")
         return None
     if found.kind.name == "GROUP" or found.kind.name == "TAG":
-        problems.append(f"{where}: '{source}' is a group; list its tasks one by one instead "
-                        "(each run's results then name every task)")
+        problems.append(
+            f"{where}: '{source}' is a group; list its tasks one by one instead "
+            "(each run's results then name every task)"
+        )
         return None
     metadata = entry.get("metadata") or {}
     if not isinstance(metadata, dict):
@@ -264,8 +291,10 @@ def _check_task_settings(tasks: list[TaskSpec], metadata: dict, problems: list[s
     for task in tasks:
         overlap = sorted(set(task.metadata) & set(metadata))
         if overlap:
-            problems.append(f"task {task.name}: {overlap} set both sweep-wide and for this task; lm-eval "
-                            "gives the sweep-wide value precedence, so set each key in one place only")
+            problems.append(
+                f"task {task.name}: {overlap} set both sweep-wide and for this task; lm-eval "
+                "gives the sweep-wide value precedence, so set each key in one place only"
+            )
         if task.kind is None:
             continue
         try:
@@ -323,8 +352,7 @@ def _parse_run(entry: Any, data: dict, i: int, problems: list[str]) -> RunSpec |
     model_args = _merge(data.get("model_args"), entry.get("model_args"))
     if "pretrained" in (entry.get("model_args") or {}) and entry.get("base") is not None:
         problems.append(f"{where}: give either base or model_args.pretrained, not both")
-    base = _resolve_base(entry.get("base", None if "pretrained" in model_args else data.get("base")),
-                         where, problems)
+    base = _resolve_base(entry.get("base", None if "pretrained" in model_args else data.get("base")), where, problems)
     model = base or model_args.get("pretrained")
     if model is None:
         problems.append(f"{where}: no model; set 'base' (e.g. base: {EMBEDDED}) or model_args.pretrained")
@@ -418,10 +446,22 @@ def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None 
     out = Path(output) if output is not None else Path(data.get("output") or Path("sweep_results") / name)
     if quick and output is None and data.get("output"):
         out = Path(f"{data['output']}-quick")
-    sweep = Sweep(name=name, path=path, tasks=tasks, metadata=dict(metadata), runs=runs, samples=samples,
-                  limit=limit, bootstrap_iters=int(bootstrap), trained_context=trained, quick=quick,
-                  output=out, description=str(data.get("description") or ""), task_manager=manager,
-                  device=str(data["device"]) if data.get("device") else None)
+    sweep = Sweep(
+        name=name,
+        path=path,
+        tasks=tasks,
+        metadata=dict(metadata),
+        runs=runs,
+        samples=samples,
+        limit=limit,
+        bootstrap_iters=int(bootstrap),
+        trained_context=trained,
+        quick=quick,
+        output=out,
+        description=str(data.get("description") or ""),
+        task_manager=manager,
+        device=str(data["device"]) if data.get("device") else None,
+    )
     return sweep
 
 

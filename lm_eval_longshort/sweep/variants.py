@@ -56,8 +56,10 @@ def check_model(model: str) -> str | None:
     if isinstance(try_to_load_from_cache(model, "config.json"), str):
         return None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return (f"model '{model}' is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is "
-                "set); give a folder, or download it first")
+        return (
+            f"model '{model}' is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is "
+            "set); give a folder, or download it first"
+        )
     try:
         from transformers import AutoConfig
 
@@ -130,16 +132,23 @@ def _check_overrides(overrides: dict, base_config: dict, base: Path) -> None:
     rope_key = rope_config_key()
     missing = sorted(k for k in overrides if k not in base_config and k != rope_key)
     if missing:
-        hint = (f"; this transformers reads RoPE scaling from '{rope_key}'" if {"rope_scaling", "rope_parameters"}
-                & set(missing) else "")
-        raise ValueError(f"overrides {missing}: not keys of {base / 'config.json'}{hint} "
-                         "(an override must change a setting the model has; check the spelling)")
+        hint = (
+            f"; this transformers reads RoPE scaling from '{rope_key}'"
+            if {"rope_scaling", "rope_parameters"} & set(missing)
+            else ""
+        )
+        raise ValueError(
+            f"overrides {missing}: not keys of {base / 'config.json'}{hint} "
+            "(an override must change a setting the model has; check the spelling)"
+        )
     rope = overrides.get(rope_key)
     if isinstance(rope, dict):
         kind = rope.get("rope_type", rope.get("type"))
         if kind is not None and kind not in known_rope_types():
-            raise ValueError(f"overrides.{rope_key}.rope_type {kind!r} is not a RoPE type this transformers "
-                             f"knows: {', '.join(sorted(known_rope_types()))}")
+            raise ValueError(
+                f"overrides.{rope_key}.rope_type {kind!r} is not a RoPE type this transformers "
+                f"knows: {', '.join(sorted(known_rope_types()))}"
+            )
 
 
 @dataclass(frozen=True)
