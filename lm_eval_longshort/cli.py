@@ -205,7 +205,13 @@ def _prepare_run(args: argparse.Namespace) -> int:
 
 
 def _model_args_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gguf", action="store_true", help="the GGUF file instead of the safetensors folder")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--gguf", action="store_true", help="the GGUF file instead of the safetensors folder")
+    form.add_argument(
+        "--path",
+        action="store_true",
+        help="only the safetensors folder (for JSON --model_args, e.g. vLLM's pooling engine)",
+    )
 
 
 def _model_args_run(args: argparse.Namespace) -> int:
@@ -222,7 +228,10 @@ def _model_args_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(prepared.gguf_model_args() if args.gguf else prepared.model_args())
+    if args.path:
+        print(prepared.model_dir)
+    else:
+        print(prepared.gguf_model_args() if args.gguf else prepared.model_args())
     return 0
 
 
