@@ -55,19 +55,7 @@ def _draw_bands(ax, runs: Sequence[Run], panel: Panel, colours: dict[str, str], 
         lo = [v - e if math.isfinite(e) else v for v, e in zip(s.values, s.errors)]
         hi = [v + e if math.isfinite(e) else v for v, e in zip(s.values, s.errors)]
         ax.fill_between(s.lengths, lo, hi, color=colour, alpha=0.18, linewidth=0)
-    ticks = sorted({L for s in series for L in s.lengths})
-    if trained_context:
-        ax.axvline(
-            trained_context,
-            color="0.4",
-            linestyle="--",
-            linewidth=1.2,
-            label=f"trained context ({plots.length_label(trained_context)})",
-        )
-        ticks = sorted(set(ticks) | {trained_context})
-    plots._format_length_axis(ax, ticks)
-    if plots._wants_log_y(v for s in series for v in s.values):
-        plots._log_y_axis(ax)
+    plots.finish_length_axes(ax, series, trained_context)
     ax.set_title(panel.title or f"{panel.metric} · {panel.task}", fontsize=10)
     ax.set_ylabel(plots._YLABELS.get(panel.metric, panel.metric))
     ax.grid(True, which="major", alpha=0.3)

@@ -125,6 +125,23 @@ def _wants_log_y(values: Iterable[float]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) > 10
 
 
+def finish_length_axes(ax, series: Sequence[Series], trained_context: int | None) -> None:
+    """x ticks at the evaluated lengths (plus a dashed trained-context line), log y when values span >10x."""
+    ticks = sorted({L for s in series for L in s.lengths})
+    if trained_context:
+        ax.axvline(
+            trained_context,
+            color="0.4",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"trained context ({length_label(trained_context)})",
+        )
+        ticks = sorted(set(ticks) | {trained_context})
+    _format_length_axis(ax, ticks)
+    if _wants_log_y(v for s in series for v in s.values):
+        _log_y_axis(ax)
+
+
 def _draw_panel(
     ax, series: Sequence[Series], metric: str, colours: dict[str, str], trained_context: int | None, subtitle: str
 ) -> None:
@@ -141,19 +158,7 @@ def _draw_panel(
             color=colours[s.run.label],
             label=s.run.label,
         )
-    ticks = sorted({L for s in series for L in s.lengths})
-    if trained_context:
-        ax.axvline(
-            trained_context,
-            color="0.4",
-            linestyle="--",
-            linewidth=1.2,
-            label=f"trained context ({length_label(trained_context)})",
-        )
-        ticks = sorted(set(ticks) | {trained_context})
-    _format_length_axis(ax, ticks)
-    if _wants_log_y(v for s in series for v in s.values):
-        _log_y_axis(ax)
+    finish_length_axes(ax, series, trained_context)
     ax.set_title(f"{_TITLES.get(metric, metric)}\n{subtitle}", fontsize=10)
     ax.set_ylabel(_YLABELS.get(metric, metric))
     ax.grid(True, which="major", alpha=0.3)
