@@ -26,7 +26,9 @@ def bare_last(model, tokenizer, docs, lengths, pairs, seed=1234, ratio=0.5):
                 rng = np.random.default_rng([seed, index, n])
                 shorts = rng.choice(np.arange(math.ceil(ratio * n), n), size=pairs, replace=False)
                 for size in [n, *shorts]:
-                    logits = model(input_ids=torch.tensor([ids[c - int(size) : c]]), logits_to_keep=1).logits
+                    logits = model(
+                        input_ids=torch.tensor([ids[c - int(size) : c]]), logits_to_keep=1, use_cache=False
+                    ).logits
                     torch.log_softmax(logits[0, -1].float(), -1)
 
 
@@ -41,7 +43,9 @@ def bare_dense(model, tokenizer, docs, lengths, seed=1234, ratio=0.5):
             ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
             for n in lengths:
                 gap = int(np.random.default_rng([seed, index, n]).integers(1, n // 2 + 1))
-                hidden = model.model(input_ids=torch.tensor([ids[:n], ids[gap : gap + n]])).last_hidden_state
+                hidden = model.model(
+                    input_ids=torch.tensor([ids[:n], ids[gap : gap + n]]), use_cache=False
+                ).last_hidden_state
                 t = torch.arange(math.ceil(ratio * n) + gap - 1, n)
                 for rows in t.split(1024):
                     torch.log_softmax(head(hidden[0, rows]).float(), -1)

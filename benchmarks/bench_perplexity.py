@@ -25,7 +25,7 @@ def bare_ladder(model, tokenizer, docs, lengths, w):
             for n in lengths:
                 window = torch.tensor([ids[c - n : c + w]])
                 # Logits only for the W positions that predict targets (the cheapest bare forward).
-                logits = model(input_ids=window[:, :-1], logits_to_keep=w).logits[0].float()
+                logits = model(input_ids=window[:, :-1], logits_to_keep=w, use_cache=False).logits[0].float()
                 total += -torch.log_softmax(logits, -1).gather(1, window[0, -w:, None]).sum().item()
     return total
 

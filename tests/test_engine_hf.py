@@ -44,14 +44,22 @@ def test_batched_equals_unbatched(smol, ids):
 def test_batched_misalignment_equals_unbatched(smol, plays):
     model, tok = smol
     docs = [Document(i, p["title"], p["text"]) for i, p in enumerate(plays[:2])]
-    settings = parse_settings("misalign", {"lengths": [48, 128], "pairs": 3})
+    settings_meta = {"lengths": [48, 128], "pairs": 3}
+    settings = parse_settings("misalign", settings_meta)
     one = evaluate_documents(HFEngine(model, tok, 1024, max_batch_rows=1, progress=False), settings, docs, "t")
     engine = HFEngine(model, tok, 1024, max_batch_rows=16, progress=False)
-    many = evaluate_documents(engine, settings, docs, "t")
-    # A task's batch_tokens applies to its own scoring only; the shared engine keeps its budget.
-    small = evaluate_documents(
-        engine, parse_settings("misalign", {"lengths": [48, 128], "pairs": 3, "batch_tokens": 130}), docs, "t"
-    )
+    calls = {}
+    for name, meta in (("many", {}), ("small", {"batch_tokens": 130}), ("again", {})):
+        counter = CallCounter(model.get_decoder())
+        calls[name] = (
+            counter,
+            evaluate_documents(engine, parse_settings("misalign", {**settings_meta, **meta}), docs, "t"),
+        )
+        counter.remove()
+    many, small = calls["many"][1], calls["small"][1]
+    # A task's batch_tokens applies to its own scoring only (130 tokens: one or two prompts per
+    # forward, so more forwards); the next task gets the engine's budget back.
+    assert calls["small"][0].calls > calls["many"][0].calls == calls["again"][0].calls
     assert engine.batch_tokens == 32768
     assert [p["symkl"] for d in small for p in d["pairs"]] == pytest.approx(
         [p["symkl"] for d in many for p in d["pairs"]], rel=1e-3, abs=1e-6
@@ -145,6 +153,20 @@ def test_lm_eval_default_batch_size_batches_by_token_budget(smol, ids):
         reference = plain_nll(model, w.tokens.tolist(), 1).numpy()
         np.testing.assert_allclose(a, reference, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_pass_keeps_no_kv_cache(smol, ids):
+    """Nothing reads a KV cache of the split-head pass; keeping one cost 0.75 GiB on a 16k window."""
+    model, tok = smol
+    engine = HFEngine(model, tok, 1024, progress=False)
+    caches = []
+    handle = model.get_decoder().register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    try:
+        nll = engine.target_nll([TargetWindow(ids[:200], 1, None, "w")])[0]
+    finally:
+        handle.remove()
+    assert caches == [None]
+    np.testing.assert_allclose(nll, plain_nll(model, ids[:200].tolist(), 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def dense_pairs_of(tok, plays, lengths):

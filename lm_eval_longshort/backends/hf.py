@@ -138,8 +138,8 @@ class HFEngine(ScoringEngine):
             return False
         ids = torch.arange(2, 18, device=self.device).unsqueeze(0) % max(2, self.model.config.vocab_size)
         with torch.inference_mode():
-            reference = self.model(input_ids=ids).logits.float()
-            split = self._head_logits(decoder(input_ids=ids).last_hidden_state)
+            reference = self.model(input_ids=ids, use_cache=False).logits.float()
+            split = self._head_logits(decoder(input_ids=ids, use_cache=False).last_hidden_state)
         ok = torch.allclose(split, reference, rtol=1e-4, atol=1e-4)
         if not ok:
             log.warning("hf backend: decoder+head logits differ from the model's; using full-model forwards")
@@ -167,11 +167,13 @@ class HFEngine(ScoringEngine):
         """[k, V] logits -> float32 log-softmax; errors on non-finite logits."""
         return checked_log_softmax(logits, label, positions)
 
-    def _batches(self, lengths: Sequence[int], rows_per_item: int = 1) -> Iterator[list[int]]:
+    def _batches(
+        self, lengths: Sequence[int], rows_per_item: int = 1, budget: int | None = None
+    ) -> Iterator[list[int]]:
         """Group item indices longest first, neighbours in length together, within the token budget.
 
         An item is ``rows_per_item`` sequences of ``lengths[i]`` tokens (a dense pair is two);
-        a batch holds at most ``batch_tokens`` padded tokens (at least one item), at most
+        a batch holds at most ``budget`` padded tokens (None: ``batch_tokens``; at least one item), at most
         ``max_batch_rows`` rows when that is set, and items of at least ``min_fill`` times its
         longest. With length-dependent positions (dynamic RoPE) a padded row would be encoded at
         the batch's length, not its own: such models only batch items of equal length.
@@ -181,7 +183,7 @@ class HFEngine(ScoringEngine):
         while start < len(order):
             longest = lengths[order[start]]
             shortest = longest if self.position_dependent else self.min_fill * longest
-            items = self.batch_tokens // max(1, longest * rows_per_item)
+            items = (budget or self.batch_tokens) // max(1, longest * rows_per_item)
             if self.max_batch_rows is not None:
                 items = min(items, self.max_batch_rows // rows_per_item)
             batch = order[start : start + max(1, items)]
@@ -193,14 +195,16 @@ class HFEngine(ScoringEngine):
         self,
         sequences: Sequence[np.ndarray],
         desc: str,
+        budget: int | None,
         rows_per_item: int = 1,
     ) -> Iterator[tuple[list[int], _Forward]]:
         """Forward every item once; yield (item indices, the batch's forward) per batch.
 
-        ``sequences`` holds ``rows_per_item`` consecutive rows per item. Shorter rows are
-        right-padded without an attention mask: under causal attention a real token never
-        sees the padding after it, and positions still count from 0, so each row's outputs
-        equal its unbatched ones (and SDPA keeps its causal fast path).
+        ``sequences`` holds ``rows_per_item`` consecutive rows per item; ``budget`` is the most
+        tokens per batch (None: the engine's ``batch_tokens``). Shorter rows are right-padded
+        without an attention mask: under causal attention a real token never sees the padding
+        after it, and positions still count from 0, so each row's outputs equal its unbatched
+        ones (and SDPA keeps its causal fast path).
         """
         lengths = [len(s) for s in sequences]
         item_lengths = [
@@ -208,7 +212,7 @@ class HFEngine(ScoringEngine):
         ]
         bar = tqdm(total=int(sum(lengths)), desc=desc, unit="tok", disable=not self.progress, leave=False)
         with torch.inference_mode():
-            for batch in self._batches(item_lengths, rows_per_item):
+            for batch in self._batches(item_lengths, rows_per_item, budget):
                 rows = [i * rows_per_item + r for i in batch for r in range(rows_per_item)]
                 ids = np.zeros((len(rows), max(lengths[i] for i in rows)), dtype=np.int64)  # [b, T]
                 for row, i in enumerate(rows):
@@ -223,13 +227,13 @@ class HFEngine(ScoringEngine):
         return tokens if bos is None else np.concatenate([[bos], tokens]).astype(np.int64)
 
     # -- requests ---------------------------------------------------------------------
-    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+    def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
         for w in windows:
             self.check_lengths(w.n_inputs, w.label)
         full = [self._with_bos(w.tokens, w.bos) for w in windows]
         out: list[np.ndarray | None] = [None] * len(windows)
         inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
-        for batch, forward in self._run(inputs, "longshort hf: perplexity"):
+        for batch, forward in self._run(inputs, "longshort hf: perplexity", batch_tokens):
             for row, i in enumerate(batch):
                 w, seq = windows[i], torch.as_tensor(full[i], device=self.device)
                 offset = 1 if w.bos is not None else 0
@@ -242,19 +246,21 @@ class HFEngine(ScoringEngine):
                 out[i] = torch.cat(nll).double().cpu().numpy() if nll else np.zeros(0)
         return out  # type: ignore[return-value]
 
-    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+    def last_logprobs(self, prompts: Sequence[Prompt], *, batch_tokens: int | None = None) -> torch.Tensor:
         for p in prompts:
             self.check_lengths(p.n_inputs, p.label)
         sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
         out = [None] * len(prompts)
-        for batch, forward in self._run(sequences, "longshort hf: misalignment"):
+        for batch, forward in self._run(sequences, "longshort hf: misalignment", batch_tokens):
             ends = torch.tensor([len(sequences[i]) - 1 for i in batch], device=self.device)
             for part, logp in forward.last_rows(ends, prompts[batch[0]].label):
                 for row, values in zip(range(len(batch))[part], logp, strict=True):
                     out[batch[row]] = values.cpu()
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(
+        self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated).
 
         Pairs are batched across documents (a pair's long and short window share a batch);
@@ -266,7 +272,7 @@ class HFEngine(ScoringEngine):
             seq for p in pairs for seq in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))
         ]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
-        for batch, forward in self._run(sequences, "longshort hf: dense misalignment", rows_per_item=2):
+        for batch, forward in self._run(sequences, "longshort hf: dense misalignment", batch_tokens, rows_per_item=2):
             for item, i in enumerate(batch):
                 p = pairs[i]
                 offset = 1 if p.bos is not None else 0
@@ -301,7 +307,10 @@ class _Forward:
 
     def __init__(self, engine: HFEngine, ids: torch.Tensor, lengths: list[int]):
         self.engine, self.ids, self.lengths = engine, ids, lengths
-        self.hidden = engine._decoder()(input_ids=ids).last_hidden_state if engine._split else None  # [b, T, d]
+        # use_cache=False: a decoder's default KV cache would hold K and V of every layer for the
+        # whole batch (0.75 GiB for one 16k window of the embedded model) and nothing reads it.
+        decoder = engine._decoder() if engine._split else None
+        self.hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state if decoder else None  # [b, T, d]
 
     def logprobs(self, row: int, positions: torch.Tensor, label: str) -> Iterator[Chunk]:
         """Float32 log-softmax after each of ``positions`` (increasing) of ``row``, in chunks."""

@@ -219,7 +219,7 @@ class VLLMEngine(_VLLMBase):
             )
 
     # -- requests ---------------------------------------------------------------------
-    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+    def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
         for w in windows:
             self.check_lengths(w.n_inputs, w.label)
         prompts, params = [], []
@@ -236,7 +236,7 @@ class VLLMEngine(_VLLMBase):
                 )
             )
         out: list[np.ndarray] = []
-        for chunk in _chunks([len(p) for p in prompts], self.batch_tokens):
+        for chunk in _chunks([len(p) for p in prompts], batch_tokens or self.batch_tokens):
             outputs = self._generate([prompts[i] for i in chunk], [params[i] for i in chunk])
             out.extend(self._window_nll(windows[i], prompts[i], o) for i, o in zip(chunk, outputs, strict=True))
         return out
@@ -256,14 +256,14 @@ class VLLMEngine(_VLLMBase):
         self._check_finite(nll, w.label, np.arange(w.score_from, len(w.tokens)), "document token")
         return nll.astype(np.float64)
 
-    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+    def last_logprobs(self, prompts: Sequence[Prompt], *, batch_tokens: int | None = None) -> torch.Tensor:
         for p in prompts:
             self.check_lengths(p.n_inputs, p.label)
         self._require_logprobs(self.vocab_size, "misalignment (mode last) compares full next-token distributions: it")
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, flat_logprobs=True)
         sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
         rows = torch.empty(len(prompts), self.vocab_size, dtype=torch.float32)
-        for chunk in _chunks([len(s) for s in sequences], self.batch_tokens, self.full_vocab_rows):
+        for chunk in _chunks([len(s) for s in sequences], batch_tokens or self.batch_tokens, self.full_vocab_rows):
             outputs = self._generate([sequences[i] for i in chunk], params)
             for i, output in zip(chunk, outputs, strict=True):
                 rows[i] = torch.from_numpy(self._dense_row(output, prompts[i].label))
@@ -294,7 +294,9 @@ class VLLMEngine(_VLLMBase):
             )
         return row.astype(np.float32)
 
-    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(
+        self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Top-K approximation (vLLM's V1 runner returns no dense per-position distributions).
 
         Per compared position, both windows' top-``topk`` lists give coarse-grained divergences
@@ -396,20 +398,21 @@ class VLLMHiddenStateEngine(_VLLMBase):
             )
         return hidden
 
-    def _encoded(self, sequences: Sequence[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, [T, d] hidden states) of every sequence, ``batch_tokens`` per ``encode`` call."""
-        for chunk in _chunks([len(s) for s in sequences], self.batch_tokens):
+    def _encoded(self, sequences: Sequence[np.ndarray], budget: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, [T, d] hidden states) of every sequence, ``budget`` tokens (None: ``batch_tokens``)
+        per ``encode`` call."""
+        for chunk in _chunks([len(s) for s in sequences], budget or self.batch_tokens):
             hidden = self._encode([sequences[i] for i in chunk])
             yield from zip(chunk, hidden, strict=True)
 
     # -- requests ---------------------------------------------------------------------
-    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+    def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
         for w in windows:
             self.check_lengths(w.n_inputs, w.label)
         full = [self._with_bos(w.tokens, w.bos) for w in windows]
         inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
         out: list[np.ndarray | None] = [None] * len(windows)
-        for i, hidden in self._encoded(inputs):
+        for i, hidden in self._encoded(inputs, batch_tokens):
             w, seq = windows[i], full[i]
             # Target tokens[j] sits at input j + offset and is predicted by the row before it.
             targets = np.arange(w.score_from + (w.bos is not None), len(seq))
@@ -417,19 +420,21 @@ class VLLMHiddenStateEngine(_VLLMBase):
             out[i] = self.head.token_nll(hidden[rows], torch.as_tensor(seq[targets]), w.label, rows).numpy()
         return out  # type: ignore[return-value]
 
-    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+    def last_logprobs(self, prompts: Sequence[Prompt], *, batch_tokens: int | None = None) -> torch.Tensor:
         for p in prompts:
             self.check_lengths(p.n_inputs, p.label)
         sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
         last = torch.empty(len(prompts), self.head.hidden_size, dtype=torch.float32)  # [n, d]
-        for i, hidden in self._encoded(sequences):
+        for i, hidden in self._encoded(sequences, batch_tokens):
             last[i] = hidden[-1]
         ends = torch.tensor([len(s) - 1 for s in sequences])
         label = prompts[0].label if prompts else ""
         parts = [logp.cpu() for _, logp in self.head.chunks(last, label, ends)]
         return torch.cat(parts) if parts else torch.empty(0, self.vocab_size)
 
-    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(
+        self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
         for p in pairs:
             self.check_lengths(p.n_inputs, p.label)
@@ -438,7 +443,7 @@ class VLLMHiddenStateEngine(_VLLMBase):
         ]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
         held: dict[int, torch.Tensor] = {}
-        for j, hidden in self._encoded(sequences):
+        for j, hidden in self._encoded(sequences, batch_tokens):
             held[j] = hidden
             if j % 2 == 1:  # both windows of pair j // 2 are in
                 out[j // 2] = self._pair_divergences(pairs[j // 2], held.pop(j - 1), held.pop(j))

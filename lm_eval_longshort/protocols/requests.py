@@ -90,7 +90,9 @@ class ScoringEngine(abc.ABC):
     """A model that scores token windows exactly. Implementations: ``hf``, ``vllm``."""
 
     name: str = "base"
-    batch_tokens: int = 32768  # most tokens per forward batch / generate call (a task may override it)
+    # Most input tokens per forward batch / engine call. Each request method also takes
+    # ``batch_tokens=`` for that call alone (a task's own budget; None: this default).
+    batch_tokens: int = 32768
 
     @property
     @abc.abstractmethod
@@ -113,15 +115,17 @@ class ScoringEngine(abc.ABC):
         return "raise the backend's max_length"
 
     @abc.abstractmethod
-    def target_nll(self, windows: Sequence[TargetWindow]) -> list[np.ndarray]:
+    def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
         """Per window, float64 NLL of each scored token, in order."""
 
     @abc.abstractmethod
-    def last_logprobs(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+    def last_logprobs(self, prompts: Sequence[Prompt], *, batch_tokens: int | None = None) -> torch.Tensor:
         """[n, V] float32 log-softmax of the next-token logits after each prompt."""
 
     @abc.abstractmethod
-    def aligned_divergences(self, pairs: Sequence[AlignedWindows], topk: int = 256) -> list[dict[str, np.ndarray]]:
+    def aligned_divergences(
+        self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Per pair, {metric: float64 [k]} divergences between the compared positions.
 
         ``topk``: the list size of backends that approximate from top-K lists (vllm; exact

@@ -166,21 +166,19 @@ def _chunk(indices: list[int], costs: dict[int, int], budget: int) -> list[list[
 
 
 def score_documents(engine: ScoringEngine, plan: TaskPlan, indices: Sequence[int]) -> None:
-    """Score the usable documents ``indices`` of ``plan``, filling in their responses."""
+    """Score the usable documents ``indices`` of ``plan``, filling in their responses.
+
+    The task's own ``batch_tokens`` (if set) goes down with each engine call: the engine is
+    shared by the tasks of one lm-eval call, so nothing of it is changed here.
+    """
     s = plan.settings
     docs_ids = [(plan.docs[i], plan.token_ids[i], plan.responses[i]) for i in indices]
-    backend_budget = engine.batch_tokens
-    if s.batch_tokens is not None:  # this task's budget; the engine is shared by tasks
-        engine.batch_tokens = s.batch_tokens
-    try:
-        if s.kind == "ppl":
-            _score_perplexity(engine, s, docs_ids, plan.bos)
-        elif s.mode == "last":
-            _score_last(engine, s, docs_ids, plan.bos)
-        else:
-            _score_dense(engine, s, docs_ids, plan.bos)
-    finally:
-        engine.batch_tokens = backend_budget
+    if s.kind == "ppl":
+        _score_perplexity(engine, s, docs_ids, plan.bos)
+    elif s.mode == "last":
+        _score_last(engine, s, docs_ids, plan.bos)
+    else:
+        _score_dense(engine, s, docs_ids, plan.bos)
 
 
 def evaluate_documents(
@@ -222,7 +220,7 @@ def _score_perplexity(engine: ScoringEngine, s: PerplexitySettings, docs_ids, bo
         else:
             windows = ppl.sliding_windows(ids, s, bos, _label(doc))
         plan.append(windows)
-    nlls = engine.target_nll([w for windows in plan for w in windows])
+    nlls = engine.target_nll([w for windows in plan for w in windows], batch_tokens=s.batch_tokens)
     summarize = {"ladder": ppl.ladder_summarize, "truncate": ppl.truncate_summarize, "sliding": ppl.sliding_summarize}[
         s.protocol
     ]
@@ -243,7 +241,7 @@ def _score_last(engine: ScoringEngine, s: MisalignSettings, docs_ids, bos) -> No
         doc_prompts, records, rows = mis.last_prompts(ids, s, doc.doc_index, bos, _label(doc))
         per_doc.append((records, [(a + len(prompts), b + len(prompts)) for a, b in rows]))
         prompts.extend(doc_prompts)
-    logprobs = engine.last_logprobs(prompts)  # [n_prompts, V]
+    logprobs = engine.last_logprobs(prompts, batch_tokens=s.batch_tokens)  # [n_prompts, V]
     for (_, _, response), (records, rows) in zip(docs_ids, per_doc, strict=True):
         long_rows, short_rows = (torch.tensor(r) for r in zip(*rows, strict=True))
         values = all_divergences(logprobs[long_rows], logprobs[short_rows])
@@ -259,7 +257,7 @@ def _score_dense(engine: ScoringEngine, s: MisalignSettings, docs_ids, bos) -> N
         doc_pairs, layout = mis.dense_pairs(ids, s, doc.doc_index, bos, _label(doc))
         pairs.extend(doc_pairs)
         layouts.append(layout)
-    values = engine.aligned_divergences(pairs, topk=s.topk)
+    values = engine.aligned_divergences(pairs, topk=s.topk, batch_tokens=s.batch_tokens)
     cursor = 0
     for (_, _, response), layout in zip(docs_ids, layouts, strict=True):
         for group in layout:
