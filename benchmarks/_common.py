@@ -1,4 +1,7 @@
-"""Shared set-up for the CPU benchmarks: the embedded model through lm-eval's own HFLM."""
+"""Shared set-up for the benchmarks: the embedded model through lm-eval's own HFLM (CPU), and the
+random-weight Llama-3.2-1B shapes, tokenizer stand-in and timer of the GPU scripts in gpu/ (which
+import this as ``benchmarks._common`` with PYTHONPATH=.; nothing here imports lm-eval at import).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # harness_run helpers
+from offline import OFFLINE  # noqa: E402  (the test suite's offline variables)
+
+for _name, _value in OFFLINE.items():
+    os.environ.setdefault(_name, _value)
 
 
 def embedded_hflm(max_length: int = 16384):
@@ -45,3 +49,48 @@ def timed(store: dict, key: str):
     yield
     for name, value in ((key, time.perf_counter() - start), (key + "_cpu", time.process_time() - cpu)):
         store[name] = min(value, store.get(name, value))
+
+
+# --------------------------------------------------------------------------- GPU scripts (benchmarks/gpu)
+
+
+class NoTokenizer:
+    """The engine-level calls of the GPU scripts never tokenize."""
+
+    bos_token_id = None
+
+
+def llama_1b_config():
+    """A LlamaConfig of Llama-3.2-1B's shapes (tied embeddings), for random-weight models."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+    )
+
+
+def seconds_and_peak(fn, repeats: int = 1, cuda: bool | None = None) -> tuple[float, float]:
+    """(seconds per call over ``repeats`` calls after one warm-up call, peak GiB allocated on the GPU
+    during them; NaN without CUDA). ``cuda`` defaults to whether CUDA is available."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    fn()  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))

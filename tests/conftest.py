@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from offline import OFFLINE
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _name, _value in OFFLINE.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ Everything runs through lm-eval's own ``simple_evaluate`` with lm-eval's HFLM (`
 another real lm-eval model. How task metadata reaches the tasks: ``simple_evaluate``
 merges its ``metadata=`` argument (over ``model_args``) into every task config only when it
 builds the TaskManager itself (``task_manager=None``, lm_eval/evaluator.py ~292); a
-TaskManager passed in is used as is, so ``evaluate`` below gives the metadata to the
-TaskManager, as ``lm_eval --metadata`` does. Its index holds only the installed longshort
-folder (indexing all of lm-eval's tasks costs ~7 s per TaskManager);
-``test_unknown_key_via_simple_evaluate_metadata`` takes the ``metadata=`` route once.
+TaskManager passed in is used as is, so ``harness_run.evaluate_tasks`` gives the metadata to
+the TaskManager, as ``lm_eval --metadata`` does (lm-eval's bootstrap off, one document unless
+``limit`` says otherwise); ``test_unknown_key_via_simple_evaluate_metadata`` takes the
+``metadata=`` route once.
 """
 
 from __future__ import annotations
@@ -17,24 +17,15 @@ import math
 from pathlib import Path
 
 import lm_eval
-import lm_eval.tasks
 import pytest
 import torch
-from harness_run import response
-from lm_eval.tasks import TaskManager
+from harness_run import evaluate_tasks, response
 
 from lm_eval_longshort.protocols.requests import LengthLimitError, NonFiniteLogitsError
 from lm_eval_longshort.protocols.runner import TooFewDocumentsError
 
-INSTALLED = Path(lm_eval.tasks.__file__).parent / "longshort"
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
 PPL_LOCAL, MIS_LOCAL = "longshort_ppl_local", "longshort_misalign_local"
-
-
-def evaluate(lm, tasks: list[str], metadata: dict, limit: int | None = 1, **kwargs) -> dict:
-    """lm_eval.simple_evaluate with ``metadata`` merged over the YAMLs' metadata (as --metadata)."""
-    tm = TaskManager(include_path=str(INSTALLED), include_defaults=False, metadata=metadata)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, bootstrap_iters=0, **kwargs)
 
 
 def _responses(out: dict, task: str) -> list[dict]:
@@ -60,7 +51,7 @@ LOCAL_META = {"lengths": [64, 256]}  # default target_tokens=256: a document nee
 def test_short_document_is_skipped_counted_and_warned(hflm, local_files, caplog):
     files = [str(local_files["tiny"]), str(local_files["long"])]
     with caplog.at_level(logging.WARNING):
-        both = evaluate(hflm, [PPL_LOCAL], {**LOCAL_META, "files": files}, limit=None, log_samples=True)
+        both = evaluate_tasks(hflm, [PPL_LOCAL], {**LOCAL_META, "files": files}, limit=None, log_samples=True)
     res = both["results"][PPL_LOCAL]
     assert res["skipped_docs,none"] == 1
     assert both["n-samples"][PPL_LOCAL]["effective"] == 2
@@ -77,7 +68,7 @@ def test_short_document_is_skipped_counted_and_warned(hflm, local_files, caplog)
     assert shortfall, warnings
     assert f"{tiny['n_tokens']} tokens" in shortfall[0] and "needs 512" in shortfall[0], shortfall[0]
 
-    alone = evaluate(hflm, [PPL_LOCAL], {**LOCAL_META, "files": [str(local_files["long"])]}, limit=None)
+    alone = evaluate_tasks(hflm, [PPL_LOCAL], {**LOCAL_META, "files": [str(local_files["long"])]}, limit=None)
     ref = alone["results"][PPL_LOCAL]
     assert ref["skipped_docs,none"] == 0
     for key in ("ppl@64,none", "ppl@256,none", "bpb@64,none", "bpb@256,none", "keyppl,none", "key_frac,none"):
@@ -94,7 +85,7 @@ def test_short_document_is_skipped_counted_and_warned(hflm, local_files, caplog)
 )
 def test_no_usable_document_is_an_error(hflm, local_files, task, meta, needed):
     with pytest.raises(TooFewDocumentsError) as info:
-        evaluate(hflm, [task], {**meta, "files": [str(local_files["tiny"])]}, limit=None)
+        evaluate_tasks(hflm, [task], {**meta, "files": [str(local_files["tiny"])]}, limit=None)
     message = str(info.value)
     assert "every document is too short" in message
     assert f"needs {needed} tokens" in message and "'tiny.txt'" in message, message
@@ -114,7 +105,7 @@ def test_no_usable_document_is_an_error(hflm, local_files, task, meta, needed):
 def test_length_above_backend_max_length_says_pass_max_length(hflm, task, meta, needed):
     assert hflm.max_length == 4096
     with pytest.raises(LengthLimitError, match=r"max_length=4096") as info:
-        evaluate(hflm, [task], meta)
+        evaluate_tasks(hflm, [task], meta)
     message = str(info.value)
     assert f"needs {needed} input tokens" in message, message
     assert "pass max_length=N in --model_args" in message and f"at least {needed}" in message, message
@@ -124,7 +115,7 @@ def test_backend_without_full_distributions_says_use_hf_or_vllm():
     from lm_eval.models.dummy import DummyLM
 
     with pytest.raises(TypeError, match=r"'DummyLM' backend.*run them with --model hf or --model vllm"):
-        evaluate(DummyLM(), [PPL], {"lengths": [64], "target_tokens": 8})
+        evaluate_tasks(DummyLM(), [PPL], {"lengths": [64], "target_tokens": 8})
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +150,7 @@ def nan_lm(smol):
 )
 def test_non_finite_logits_name_document_and_position(nan_lm, task, meta):
     with pytest.raises(NonFiniteLogitsError) as info:
-        evaluate(nan_lm, [task], meta)
+        evaluate_tasks(nan_lm, [task], meta)
     message = str(info.value)
     assert 'document #0 ("A Midsummer Night\'s Dream")' in message, message
     assert "non-finite logits at input position" in message and "dtype=float32" in message, message
@@ -180,7 +171,7 @@ def test_unknown_key_via_simple_evaluate_metadata(hflm):
 def test_unknown_key_in_a_group_run_lists_every_known_key(hflm):
     """A group's --metadata reaches both task kinds: the error lists both kinds' keys and the data keys."""
     with pytest.raises(ValueError, match=r"unknown metadata key\(s\) \['pair'\]") as info:
-        evaluate(hflm, [PPL, MIS], {"lengths": [64], "pair": 2})
+        evaluate_tasks(hflm, [PPL, MIS], {"lengths": [64], "pair": 2})
     message = str(info.value)
     for listed in (
         "perplexity tasks: [",
@@ -196,7 +187,7 @@ def test_unknown_key_in_a_group_run_lists_every_known_key(hflm):
 
 def test_unknown_key_misalignment_lists_its_keys(hflm):
     with pytest.raises(ValueError, match=r"unknown metadata key\(s\) \['pair'\]") as info:
-        evaluate(hflm, [MIS], {"lengths": [64], "pair": 2})
+        evaluate_tasks(hflm, [MIS], {"lengths": [64], "pair": 2})
     assert "'pairs'" in str(info.value) and "'min_ratio'" in str(info.value)
 
 
@@ -217,7 +208,7 @@ def test_model_args_and_other_family_keys_are_not_errors(hflm, assets):
         "pairs": 2,
         "min_ratio": 0.5,
     }
-    out = evaluate(hflm, [PPL], meta)
+    out = evaluate_tasks(hflm, [PPL], meta)
     res = out["results"][PPL]
     assert math.isfinite(res["ppl@32,none"]) and res["ppl@32,none"] > 1
     assert out["configs"][PPL]["metadata"]["pretrained"] == str(assets.model_dir)
@@ -238,12 +229,12 @@ def test_model_args_and_other_family_keys_are_not_errors(hflm, assets):
 )
 def test_misalignment_settings_errors(hflm, meta, pattern):
     with pytest.raises(ValueError, match=pattern):
-        evaluate(hflm, [MIS], meta)
+        evaluate_tasks(hflm, [MIS], meta)
 
 
 def test_misalignment_pairs_at_the_limit_run(hflm):
     """The boundary of the pairs check: L=8, min_ratio 0.5 has exactly 4 short lengths (4..7)."""
-    out = evaluate(hflm, [MIS], {"lengths": [8], "min_ratio": 0.5, "pairs": 4}, log_samples=True)
+    out = evaluate_tasks(hflm, [MIS], {"lengths": [8], "min_ratio": 0.5, "pairs": 4}, log_samples=True)
     (response,) = _responses(out, MIS)
     assert sorted(p["short_len"] for p in response["pairs"]) == [4, 5, 6, 7]
     assert math.isfinite(out["results"][MIS]["symkl@8,none"])
@@ -266,11 +257,11 @@ def test_misalignment_pairs_at_the_limit_run(hflm):
 )
 def test_perplexity_settings_errors(hflm, meta, pattern):
     with pytest.raises(ValueError, match=pattern):
-        evaluate(hflm, [PPL], meta)
+        evaluate_tasks(hflm, [PPL], meta)
 
 
 def _sliding(hflm, stride: int) -> tuple[dict, dict]:
-    out = evaluate(
+    out = evaluate_tasks(
         hflm, [PPL], {"protocol": "sliding", "lengths": [32], "stride": stride, "max_doc_tokens": 96}, log_samples=True
     )
     (response,) = _responses(out, PPL)

@@ -15,7 +15,6 @@ import csv
 import glob
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from offline import offline_env
 from reference import plain_nll, plain_token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,8 @@ GROUP_META = {"lengths": LENGTHS, "target_tokens": W, "pairs": PAIRS}
 MISALIGN_METRICS = ("sce", "symkl", "js", "top1", "tv")
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(args, capture_output=True, text=True, env=offline_env(), timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{args[:3]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -403,7 +399,7 @@ def test_compare_refuses_real_results_with_other_lengths(group_run, tmp_path):
         [LONGSHORT, "compare", str(group_run["dir"]), str(other)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=offline_env(),
         timeout=120,
     )
     assert proc.returncode == 2 and "keys differing: lengths" in proc.stderr, proc.stderr

@@ -7,34 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import plain_token_logprobs
+from reference import numpy_divergences, plain_token_logprobs
 
 from lm_eval_longshort.numerics import divergences as D
-
-
-def numpy_divergences(logp: np.ndarray, logq: np.ndarray) -> dict[str, float]:
-    """Textbook definitions in float64, one distribution pair (1-D arrays)."""
-    p, q = np.exp(logp.astype(np.float64)), np.exp(logq.astype(np.float64))
-    p, q = p / p.sum(), q / q.sum()
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        keep = a > 0
-        return float(np.sum(a[keep] * (np.log(a[keep]) - np.log(b[keep]))))
-
-    def ce(a, b):
-        keep = a > 0
-        return float(-np.sum(a[keep] * np.log(b[keep])))
-
-    return {
-        "sce": ce(p, q) + ce(q, p),
-        "symkl": kl(p, q) + kl(q, p),
-        "js": 0.5 * kl(p, m) + 0.5 * kl(q, m),
-        "tv": 0.5 * float(np.abs(p - q).sum()),
-        "top1": float(np.argmax(p) == np.argmax(q)),
-        "H_p": ce(p, p),
-        "H_q": ce(q, q),
-    }
 
 
 def random_logprobs(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from reference import plain_nll, plain_token_logprobs
 
 from lm_eval_longshort.backends.logits import (
     OutputHead,
@@ -73,8 +74,8 @@ def test_head_from_checkpoint_equals_the_models_logits(case, tmp_path):
     model_class, config = CASES[case]
     model = _saved(model_class, config, tmp_path)
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1))
+    want = plain_token_logprobs(model, ids[0].tolist())  # [T, V]
     with torch.no_grad():
-        want = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [T, V]
         hidden = model.base_model(input_ids=ids).last_hidden_state[0]  # [T, d]
     head = load_output_head(tmp_path, transformers.AutoConfig.from_pretrained(tmp_path), chunk_positions=16)
     positions = torch.arange(len(hidden))
@@ -87,7 +88,7 @@ def test_head_from_checkpoint_equals_the_models_logits(case, tmp_path):
     assert ((bare - want).abs().max().item() > 0.1) == post, case
     nll = head.token_nll(hidden[:-1], ids[0, 1:], case, positions[:-1])
     assert nll.dtype == torch.float64
-    torch.testing.assert_close(nll, -want[:-1].gather(1, ids[0, 1:, None])[:, 0].double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(nll, plain_nll(model, ids[0].tolist(), 1), atol=1e-4, rtol=0)
 
 
 def test_missing_output_layer_names_what_is_missing(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import delta_terms, dense_gap, dense_max_gap, dense_positions, last_short_lengths, terms_se
 
 from lm_eval_longshort.numerics import aggregate
 from lm_eval_longshort.protocols import misalignment, perplexity
@@ -173,15 +174,11 @@ def key_code() -> list[str]:
 # ----------------------------------------------------------------------------- misalignment
 
 
-def rng(doc: int, length: int) -> np.random.Generator:
-    return np.random.default_rng([SEED, doc, length])
-
-
 def last_spec() -> list[str]:
     lines = []
     for doc in DOCS:
         for n in LENGTHS:
-            shorts = rng(doc, n).choice(np.arange(math.ceil(0.5 * n), n), size=PAIRS, replace=False)
+            shorts = last_short_lengths(SEED, doc, n, PAIRS, 0.5)
             parts = ", ".join(f"l={short} ids[{C - short}:{C}]" for short in shorts)
             lines.append(f"doc {doc}, L={n}: long ids[{C - n}:{C}]; short {parts}")
     return lines
@@ -209,10 +206,8 @@ def dense_spec(ratio: float, docs) -> list[str]:
     for doc in docs:
         needs = 0
         for n in LENGTHS:
-            low = math.ceil(ratio * n)
-            top = min(n // 2, n - low)
-            gap = int(rng(doc, n).integers(1, top + 1))
-            t = [i for i in range(n) if i >= gap and i + 1 - gap >= low]  # positions both windows reach
+            top, gap = dense_max_gap(n, ratio), dense_gap(SEED, doc, n, ratio)
+            t = dense_positions(n, gap, ratio)  # positions both windows reach
             lines.append(
                 f"{prefix}doc {doc}, L={n}: e={gap} of [1, {top}], A=ids[0:{n}], B=ids[{gap}:{gap + n}], "
                 f"t={t[0]}..{t[-1]}, B positions {t[0] - gap}..{t[-1] - gap}, "
@@ -252,30 +247,19 @@ BPB8 = [(6.0, 12), (9.0, 10), (4.5, 14)]  # (NLL sum, UTF-8 bytes) at L = 8
 SYMKL8 = [(0.8, 4), (1.2, 4), (0.3, 3)]  # (summed symkl, positions) of the dense example's documents at L = 8
 
 
-def delta(pairs) -> tuple[float, np.ndarray]:
-    """R = Σa/Σb and u_d = (a_d - R b_d)/mean(b), straight from the formula."""
-    a, b = np.array(pairs, dtype=float).T
-    ratio = a.sum() / b.sum()
-    return ratio, (a - ratio * b) / b.mean()
-
-
-def se(u: np.ndarray) -> float:
-    return math.sqrt((u**2).sum() / (len(u) * (len(u) - 1)))
-
-
 def stderr_spec() -> list[str]:
-    (r8, u8), (r4, u4), (rb, ub), (rs, us) = delta(PPL8), delta(PPL4), delta(BPB8), delta(SYMKL8)
+    (r8, u8), (r4, u4), (rb, ub), (rs, us) = (delta_terms(*np.transpose(p)) for p in (PPL8, PPL4, BPB8, SYMKL8))
     p8, p4 = math.exp(r8), math.exp(r4)
     return [
-        f"symkl@8: R = {rs:.4f}, se(R) = {se(us):.4f}",
-        f"ppl@8: R = {r8:.4f}, se(R) = {se(u8):.4f}, ppl = {p8:.4f}, se(ppl) = {p8 * se(u8):.4f}",
-        f"ppl@4: R = {r4:.4f}, se(R) = {se(u4):.4f}, ppl = {p4:.4f}, se(ppl) = {p4 * se(u4):.4f}",
-        f"bpb@8: R = {rb:.4f} nats/byte, se(R) = {se(ub):.4f}, bpb = {rb / math.log(2):.4f}, "
-        f"se(bpb) = {se(ub) / math.log(2):.4f}",
-        f"mean NLL, L=8 minus L=4: {r8 - r4:.4f}, paired se = {se(u8 - u4):.4f} "
-        f"(the two errors combined would give {math.hypot(se(u8), se(u4)):.4f})",
-        f"ppl@8 minus ppl@4: {p8 - p4:.4f}, paired se = {se(p8 * u8 - p4 * u4):.4f} "
-        f"(the two errors combined would give {math.hypot(p8 * se(u8), p4 * se(u4)):.4f})",
+        f"symkl@8: R = {rs:.4f}, se(R) = {terms_se(us):.4f}",
+        f"ppl@8: R = {r8:.4f}, se(R) = {terms_se(u8):.4f}, ppl = {p8:.4f}, se(ppl) = {p8 * terms_se(u8):.4f}",
+        f"ppl@4: R = {r4:.4f}, se(R) = {terms_se(u4):.4f}, ppl = {p4:.4f}, se(ppl) = {p4 * terms_se(u4):.4f}",
+        f"bpb@8: R = {rb:.4f} nats/byte, se(R) = {terms_se(ub):.4f}, bpb = {rb / math.log(2):.4f}, "
+        f"se(bpb) = {terms_se(ub) / math.log(2):.4f}",
+        f"mean NLL, L=8 minus L=4: {r8 - r4:.4f}, paired se = {terms_se(u8 - u4):.4f} "
+        f"(the two errors combined would give {math.hypot(terms_se(u8), terms_se(u4)):.4f})",
+        f"ppl@8 minus ppl@4: {p8 - p4:.4f}, paired se = {terms_se(p8 * u8 - p4 * u4):.4f} "
+        f"(the two errors combined would give {math.hypot(p8 * terms_se(u8), p4 * terms_se(u4)):.4f})",
     ]
 
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from harness_run import evaluate, metric, response
-from reference import plain_token_logprobs
-from test_divergences import numpy_divergences
+from reference import dense_gap, dense_positions, last_short_lengths, numpy_divergences, plain_token_logprobs
 
 NAMES = ("sce", "symkl", "js", "top1", "tv")
 SEED = 1234
-
-
-def spec_rng(doc_index: int, length: int) -> np.random.Generator:
-    """docs/metrics.md: numpy.random.default_rng([seed, doc_index, L])."""
-    return np.random.default_rng([SEED, doc_index, length])
 
 
 def test_last_mode_matches_plain_forward(hflm, smol, plays):
@@ -32,8 +24,8 @@ def test_last_mode_matches_plain_forward(hflm, smol, plays):
     for doc_index, play in enumerate(plays[:2]):
         ids = tok(play["text"], add_special_tokens=False)["input_ids"]
         for n in lengths:
-            # The draw rule of docs/metrics.md, re-stated here: distinct l in [ceil(ratio*L), L-1].
-            shorts = spec_rng(doc_index, n).choice(np.arange(math.ceil(ratio * n), n), size=pairs, replace=False)
+            # The draw rule of docs/metrics.md, re-stated in reference.py: distinct l in [ceil(ratio*L), L-1].
+            shorts = last_short_lengths(SEED, doc_index, n, pairs, ratio)
             p_long = plain_token_logprobs(model, ids[end - n : end])[-1].numpy()
             for short in shorts:
                 q_short = plain_token_logprobs(model, ids[end - int(short) : end])[-1].numpy()
@@ -66,16 +58,15 @@ def test_dense_mode_matches_plain_forward(hflm, smol, plays):
         sums, count = dict.fromkeys(NAMES, 0.0), 0
         for doc_index, play in enumerate(plays[:2]):
             ids = tok(play["text"], add_special_tokens=False)["input_ids"]
-            gap = int(spec_rng(doc_index, n).integers(1, n // 2 + 1))
+            gap = dense_gap(SEED, doc_index, n, ratio)  # in [1, n // 2] at ratio 0.5
             a = plain_token_logprobs(model, ids[0:n])  # row t: after ids[t], context t + 1
             b = plain_token_logprobs(model, ids[gap : gap + n])  # row t - gap: after ids[t], context t + 1 - gap
             doc_sums, doc_count = dict.fromkeys(NAMES, 0.0), 0
-            for t in range(n):
-                if t >= gap and t + 1 - gap >= math.ceil(ratio * n):
-                    want = numpy_divergences(a[t].numpy(), b[t - gap].numpy())
-                    for name in NAMES:
-                        doc_sums[name] += want[name]
-                    doc_count += 1
+            for t in dense_positions(n, gap, ratio):
+                want = numpy_divergences(a[t].numpy(), b[t - gap].numpy())
+                for name in NAMES:
+                    doc_sums[name] += want[name]
+                doc_count += 1
             group = groups[(doc_index, n)]
             assert group["b_start"] == gap and group["n_positions"] == doc_count
             for name in NAMES:
@@ -100,5 +91,5 @@ def test_identical_short_input_gives_zero_divergence(smol, plays):
     assert float(values["symkl"][0]) == pytest.approx(0.0, abs=1e-6)
     assert float(values["tv"][0]) == pytest.approx(0.0, abs=1e-6)
     assert float(values["top1"][0]) == 1.0
-    reference = torch.log_softmax(model(input_ids=torch.tensor([ids.tolist()])).logits[0, -1].float(), -1)
+    reference = plain_token_logprobs(model, ids.tolist())[-1]
     assert torch.allclose(rows[0], reference, atol=1e-4)

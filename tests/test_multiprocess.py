@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from offline import offline_env
 
 BIN = Path(sys.executable).parent
 META = {"lengths": [64, 256], "target_tokens": 32, "pairs": 2}
 
 
 def _run(args: list[str], out: Path, threads: str) -> dict:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": threads,
-    }  # 2 processes on 2 cores: one thread each
+    env = offline_env(OMP_NUM_THREADS=threads)  # 2 processes on 2 cores: one thread each
     model_args = subprocess.run(
         [BIN / "lm-eval-longshort", "model-args"], capture_output=True, text=True, check=True
     ).stdout.strip()

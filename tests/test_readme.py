@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from offline import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -100,13 +101,7 @@ def test_readme_block_runs(index, assets, tmp_path, monkeypatch):
         pytest.skip("only `make test`, which is this suite")
     if any("--model vllm" in c for c in runnable):
         pytest.importorskip("vllm")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = offline_env(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     for command in runnable:
         proc = subprocess.run(
             ["bash", "-c", f"set -euo pipefail; {command}"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
 import signal
 import sqlite3
@@ -26,6 +25,7 @@ import pytest
 import torch
 from harness_run import INSTALLED_TASKS as INSTALLED
 from lm_eval.tasks import TaskManager
+from offline import offline_env
 
 BIN = Path(sys.executable).parent
 PPL, PPL_LOCAL = "longshort_ppl_shakespeare", "longshort_ppl_local"
@@ -33,10 +33,6 @@ N_DOCS = 5
 # batch_tokens below one document's inputs: every document is its own scoring chunk.
 META = {"lengths": [256, 512], "target_tokens": 32, "batch_tokens": 1024}
 RESUMED = re.compile(r"(\d+) of (\d+) documents resumed from the --use_cache database, (\d+) to score")
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _command(model_args: str, cache: Path, out: Path) -> list[str]:
@@ -73,7 +69,7 @@ def _stored(cache: Path) -> int:
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
+    proc = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -96,7 +92,7 @@ def test_killed_run_resumes_per_document_with_identical_numbers(model_args, tmp_
     cache = tmp_path / "cache" / "smol"
     proc = subprocess.Popen(
         _command(model_args, cache, tmp_path / "killed"),
-        env=_env(),
+        env=offline_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

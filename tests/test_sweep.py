@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from offline import offline_env
 from scipy import stats
 
 from lm_eval_longshort.sweep import SweepError, load_sweep, report, variants
@@ -61,7 +61,7 @@ def sweep_yaml(folder: Path, **changes) -> Path:
     return path
 
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = offline_env()
 
 
 def _sweep_cli(path: Path, out: Path) -> list[str]:

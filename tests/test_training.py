@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from harness_run import evaluate, response
+from offline import offline_env
+from reference import dense_positions, numpy_divergences
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, TrainingArguments
 
 from lm_eval_longshort.training import (
@@ -33,11 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A 2-layer Llama with random weights (seeded), float32."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
+def tiny_config() -> LlamaConfig:
+    """A 2-layer Llama over VOCAB token ids."""
+    return LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -46,7 +44,13 @@ def tiny():
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny_config Llama with random weights (seeded), float32."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config()).eval()
 
 
 def windows(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -68,12 +72,10 @@ def numpy_term(model, rows: torch.Tensor, length: int, gap: int, ratio: float, b
         a = numpy_logsoftmax(model(input_ids=torch.tensor([pre + row[:length]])).logits[0])
         b = numpy_logsoftmax(model(input_ids=torch.tensor([pre + row[gap : gap + length]])).logits[0])
         shift = len(pre)
-        for t in range(length):
-            if t >= gap and t + 1 - gap >= math.ceil(ratio * length):
-                lp, lq = a[t + shift], b[t - gap + shift]
-                p, q = np.exp(lp), np.exp(lq)
-                sce.append(-(p * lq).sum() - (q * lp).sum())
-                symkl.append(((p - q) * (lp - lq)).sum())
+        for t in dense_positions(length, gap, ratio):
+            want = numpy_divergences(a[t + shift], b[t - gap + shift])
+            sce.append(want["sce"])
+            symkl.append(want["symkl"])
     return float(np.mean(sce)), float(np.mean(symkl))
 
 
@@ -159,15 +161,7 @@ def test_gradient_reaches_parameters_through_both_inputs(tiny):
 
 def test_a_few_steps_lower_the_term_on_the_training_windows():
     torch.manual_seed(1)
-    config_ = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config_ = tiny_config()
     start = LlamaForCausalLM(config_)
     rows = windows(4, 48, seed=4)
     config = RegularizerConfig(length=32, alpha=3.0)
@@ -278,7 +272,7 @@ def test_bad_input_fails_before_training(tiny, tmp_path):
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = offline_env(PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "lm_eval_longshort.cli", "finetune", *argv],
         capture_output=True,

@@ -2,8 +2,8 @@
 before any work, no NaN without a reason, clear errors for bad data keys and files.
 
 Everything runs through lm-eval's own ``simple_evaluate`` with lm-eval's HFLM and the real
-embedded SmolLM2; numbers are checked against computations written here (numpy formulas over the
-logged per-document records, hashlib over the texts).
+embedded SmolLM2; numbers are checked against computations independent of the package (numpy
+formulas of tests/reference.py over the logged per-document records, hashlib over the texts).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import json
 import math
 from pathlib import Path
 
-import lm_eval
 import numpy as np
 import pytest
-from harness_run import INSTALLED_TASKS as INSTALLED
-from harness_run import response
-from lm_eval.tasks import TaskManager
+from harness_run import evaluate_tasks, response
+from reference import dense_max_gap, ratio_se
 
 from lm_eval_longshort.harness.lm_method import TaskCheckError
 from lm_eval_longshort.protocols.requests import LengthLimitError
@@ -28,18 +26,6 @@ PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
 PPL_LOCAL, MIS_LOCAL = "longshort_ppl_local", "longshort_misalign_local"
 
 
-def evaluate(lm, tasks: list[str], metadata: dict, limit: int | None = 1, **kwargs) -> dict:
-    """simple_evaluate with ``metadata`` merged over the YAMLs' metadata, as ``--metadata`` does."""
-    tm = TaskManager(include_path=str(INSTALLED), include_defaults=False, metadata=metadata)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, **kwargs)
-
-
-def _delta_se(a: np.ndarray, b: np.ndarray) -> float:
-    """se of Σa/Σb over documents, written out: sqrt(Σ (a - R b)² / (n(n-1))) / mean(b)."""
-    n, ratio = len(a), a.sum() / b.sum()
-    return math.sqrt(((a - ratio * b) ** 2).sum() / (n * (n - 1))) / b.mean()
-
-
 # --------------------------------------------------------------------------- results JSON, stderr
 
 
@@ -47,7 +33,7 @@ def _delta_se(a: np.ndarray, b: np.ndarray) -> float:
 def group_run(hflm):
     """ppl (ladder) + misalignment (last) on 3 plays, with lm-eval's stderr switched on."""
     meta = {"lengths": [32, 96], "target_tokens": 16, "pairs": 2}
-    return evaluate(hflm, [PPL, MIS], meta, limit=3, log_samples=True, bootstrap_iters=100)
+    return evaluate_tasks(hflm, [PPL, MIS], meta, limit=3, log_samples=True, bootstrap_iters=100)
 
 
 def test_perplexity_stderr_equals_direct_delta_method(group_run):
@@ -60,8 +46,8 @@ def test_perplexity_stderr_equals_direct_delta_method(group_run):
         nbytes = np.array([next(r["n_bytes"] for r in rs if r["L"] == length) for rs in records], dtype=float)
         ppl = math.exp(a.sum() / n.sum())
         assert res[f"ppl@{length},none"] == pytest.approx(ppl, rel=1e-12)
-        assert res[f"ppl@{length}_stderr,none"] == pytest.approx(ppl * _delta_se(a, n), rel=1e-9)
-        assert res[f"bpb@{length}_stderr,none"] == pytest.approx(_delta_se(a, nbytes) / math.log(2), rel=1e-9)
+        assert res[f"ppl@{length}_stderr,none"] == pytest.approx(ppl * ratio_se(a, n), rel=1e-9)
+        assert res[f"bpb@{length}_stderr,none"] == pytest.approx(ratio_se(a, nbytes) / math.log(2), rel=1e-9)
         assert res[f"ppl@{length}_stderr,none"] > 0
 
 
@@ -77,7 +63,7 @@ def test_misalignment_stderr_equals_direct_delta_method(group_run):
             if metric == "top1" and np.all(a == b):
                 assert se == 0.0
             else:
-                assert se == pytest.approx(_delta_se(a, b), rel=1e-9)
+                assert se == pytest.approx(ratio_se(a, b), rel=1e-9)
 
 
 def test_results_say_what_was_measured(group_run, plays):
@@ -106,7 +92,7 @@ def test_results_say_what_was_measured(group_run, plays):
 
 
 def test_no_stderr_when_lm_eval_bootstrap_is_off(hflm):
-    out = evaluate(hflm, [PPL], {"lengths": [32], "target_tokens": 8}, limit=2, bootstrap_iters=0)
+    out = evaluate_tasks(hflm, [PPL], {"lengths": [32], "target_tokens": 8}, limit=2, bootstrap_iters=0)
     assert out["results"][PPL]["ppl@32_stderr,none"] == "N/A"
 
 
@@ -114,7 +100,7 @@ def test_no_stderr_when_lm_eval_bootstrap_is_off(hflm):
 
 
 def test_dense_high_min_ratio_leaves_positions_in_every_group(hflm):
-    out = evaluate(
+    out = evaluate_tasks(
         hflm,
         [MIS],
         {"lengths": [128, 256], "mode": "dense", "min_ratio": 0.9},
@@ -130,7 +116,7 @@ def test_dense_high_min_ratio_leaves_positions_in_every_group(hflm):
         for group in response(sample)["groups"]:
             length, gap = group["L"], group["b_start"]
             short_min = math.ceil(0.9 * length)
-            assert 1 <= gap <= min(length // 2, length - short_min)
+            assert 1 <= gap <= dense_max_gap(length, 0.9)
             assert group["n_positions"] == length - max(gap, short_min + gap - 1) >= 1
 
 
@@ -168,14 +154,14 @@ def test_failing_task_stops_the_call_before_any_scoring(hflm, doc_770, forward_c
     """ppl ladder [128, 768] with W=32 needs 800 tokens; misalignment `last` needs 768 and could run."""
     meta = {"files": str(doc_770), "lengths": [128, 768], "target_tokens": 32}
     with pytest.raises(TooFewDocumentsError, match=r"task longshort_ppl_local: every document is too short"):
-        evaluate(hflm, [MIS_LOCAL, PPL_LOCAL], meta, limit=None, bootstrap_iters=0)
+        evaluate_tasks(hflm, [MIS_LOCAL, PPL_LOCAL], meta, limit=None, bootstrap_iters=0)
     assert forward_count() == 0
 
 
 def test_every_failing_task_is_named_at_once(hflm, doc_770, forward_count):
     meta = {"files": str(doc_770), "lengths": [128, 4000], "target_tokens": 32}
     with pytest.raises(TaskCheckError) as info:
-        evaluate(hflm, [MIS_LOCAL, PPL_LOCAL], meta, limit=None, bootstrap_iters=0)
+        evaluate_tasks(hflm, [MIS_LOCAL, PPL_LOCAL], meta, limit=None, bootstrap_iters=0)
     message = str(info.value)
     assert "2 of 2 longshort tasks cannot run (nothing was scored)" in message, message
     assert f"- {MIS_LOCAL}: " in message and f"- {PPL_LOCAL}: " in message, message
@@ -186,7 +172,7 @@ def test_every_failing_task_is_named_at_once(hflm, doc_770, forward_count):
 def test_oversized_target_tokens_is_named(hflm):
     assert hflm.max_length == 4096
     with pytest.raises(LengthLimitError) as info:
-        evaluate(hflm, [PPL], {"lengths": [64, 4000], "target_tokens": 200}, bootstrap_iters=0)
+        evaluate_tasks(hflm, [PPL], {"lengths": [64, 4000], "target_tokens": 200}, bootstrap_iters=0)
     message = str(info.value)
     assert "max(lengths) + target_tokens - 1 = 4000 + 200 - 1 = 4199" in message, message
     assert "lower target_tokens (at most 97)" in message, message
@@ -197,7 +183,7 @@ def test_oversized_target_tokens_is_named(hflm):
 
 def test_data_key_on_a_task_that_does_not_read_it_is_an_error(hflm, doc_770):
     with pytest.raises(ValueError, match=r"reads no data key\(s\) \['files'\].*`shakespeare` loader") as info:
-        evaluate(hflm, [PPL], {"files": str(doc_770), "lengths": [32]})
+        evaluate_tasks(hflm, [PPL], {"files": str(doc_770), "lengths": [32]})
     assert "longshort_*_local" in str(info.value)
 
 
@@ -214,7 +200,7 @@ def test_unreadable_file_names_the_file(hflm, tmp_path, name, payload, pattern):
     path = tmp_path / name
     path.write_bytes(payload)
     with pytest.raises(ValueError, match=pattern) as info:
-        evaluate(hflm, [PPL_LOCAL], {"files": str(path), "lengths": [32]})
+        evaluate_tasks(hflm, [PPL_LOCAL], {"files": str(path), "lengths": [32]})
     assert name in str(info.value)
 
 
@@ -226,7 +212,7 @@ def test_compare_refuses_real_runs_that_measured_different_targets(hflm, group_r
     sit at C = max(lengths), so those are different tokens: compare must refuse and name `lengths`."""
     from lm_eval_longshort import cli
 
-    other = evaluate(
+    other = evaluate_tasks(
         hflm, [PPL, MIS], {"lengths": [32, 64], "target_tokens": 16, "pairs": 2}, limit=3, bootstrap_iters=100
     )
     files = []

@@ -8,12 +8,12 @@ argument and the misalignment seed. The real `lm_eval --model vllm` CLI with ``s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from offline import offline_env
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vLLM (make test installs the CPU build)")
@@ -26,7 +26,7 @@ def test_engine_seed_in_model_args_is_refused_for_misalignment(assets, tmp_path)
         f"pretrained={assets.model_dir},dtype=float32,max_model_len=256,max_logprobs=-1,"
         "gpu_memory_utilization=0.2,enforce_eager=True,seed=0"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = offline_env()
     proc = subprocess.run(
         [
             str(BIN / "lm_eval"),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from offline import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def lm_eval_cli_vllm(model_args: str, tasks: str, metadata: dict, out: Path) -> 
 
     vLLM's engine core runs in its own process (its default), unlike the in-process fixtures.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = offline_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     cmd = [
         str(Path(sys.executable).parent / "lm_eval"),

@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
 
+from benchmarks._common import NoTokenizer, llama_1b_config, seconds_and_peak
 from lm_eval_longshort.backends.hf import HFEngine
 from lm_eval_longshort.protocols.requests import Prompt, TargetWindow
 
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (spec sheet); a measured 8k matmul reaches ~790e12
-
-
-class NoTokenizer:
-    """The engine-level calls below never tokenize."""
-
-    bos_token_id = None
 
 
 def build_model(tiny: bool, device: str):
@@ -44,18 +38,8 @@ def build_model(tiny: bool, device: str):
             num_key_value_heads=2,
             max_position_embeddings=65536,
         )
-    else:  # Llama-3.2-1B shapes
-        config = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=True,
-        )
+    else:
+        config = llama_1b_config()
     config._attn_implementation = "sdpa"
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
@@ -72,21 +56,6 @@ def flops_per_forward(config, n_params_body: int, tokens: int, scored: int) -> f
     return matmuls + attention + head
 
 
-def timed(fn, device: str, repeats: int):
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return seconds, peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -95,6 +64,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    cuda = device == "cuda"  # synchronize and read peak memory around timed calls
     lengths = [min(n, 512) for n in args.lengths] if args.tiny else args.lengths
     model, config = build_model(args.tiny, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,7 +85,7 @@ def main() -> None:
             "truncate all": ([TargetWindow(ids, 1, None, "truncate", feed_last=True)], n - 1),
         }
         for name, (windows, scored) in cases.items():
-            seconds, peak = timed(lambda w=windows: engine.target_nll(w), device, args.repeats)
+            seconds, peak = seconds_and_peak(lambda w=windows: engine.target_nll(w), args.repeats, cuda=cuda)
             flops = flops_per_forward(config, n_body, n, scored)
             rows.append(
                 {
@@ -131,7 +101,7 @@ def main() -> None:
         prompts = [Prompt(ids, None, "long")] + [
             Prompt(ids[-(n // 2 + k * (n // 8)) :], None, "short") for k in range(4)
         ]
-        seconds, peak = timed(lambda p=prompts: engine.last_logprobs(p), device, args.repeats)
+        seconds, peak = seconds_and_peak(lambda p=prompts: engine.last_logprobs(p), args.repeats, cuda=cuda)
         tokens = sum(len(p.tokens) for p in prompts)
         flops = sum(flops_per_forward(config, n_body, len(p.tokens), 1) for p in prompts)
         rows.append(
@@ -150,7 +120,9 @@ def main() -> None:
         x = torch.as_tensor(ids[None], device=device)
         try:
             with torch.inference_mode():
-                seconds, peak = timed(lambda x=x: model(input_ids=x).logits.float().log_softmax(-1), device, 1)
+                seconds, peak = seconds_and_peak(
+                    lambda x=x: model(input_ids=x).logits.float().log_softmax(-1), 1, cuda=cuda
+                )
             rows.append(
                 {
                     "case": "plain forward, full fp32 log-softmax",

@@ -37,14 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._common import NoTokenizer, llama_1b_config, seconds_and_peak
+
 ROUTES = ("hf", "vllm-logprobs", "vllm-hidden")
 POOLING = {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}}
-
-
-class NoTokenizer:
-    """The engine-level calls below never tokenize."""
-
-    bos_token_id = None
 
 
 def build_checkpoint(folder: Path, tiny: bool) -> None:
@@ -62,18 +58,8 @@ def build_checkpoint(folder: Path, tiny: bool) -> None:
             max_position_embeddings=8192,
             tie_word_embeddings=True,
         )
-    else:  # Llama-3.2-1B shapes
-        config = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=True,
-        )
+    else:
+        config = llama_1b_config()
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -115,20 +101,6 @@ def start_engine(route: str, folder: str, args):
     return cls(llm, NoTokenizer(), progress=False)
 
 
-def measure(fn) -> tuple[float, float]:
-    """(seconds, peak GiB allocated on the GPU; NaN on CPU) of one call after a warm-up call."""
-    fn()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
-
-
 def run_route(route: str, folder: str, args) -> list[dict]:
     from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
 
@@ -141,14 +113,14 @@ def run_route(route: str, folder: str, args) -> list[dict]:
     for n in args.lengths:
         ids = rng.integers(0, vocab, size=n + args.target_tokens)
         windows = [TargetWindow(ids, score_from=n, bos=None, label=f"w{i}") for i in range(args.windows)]
-        ladder_s, peak = measure(lambda: engine.target_nll(windows))  # noqa: B023
+        ladder_s, peak = seconds_and_peak(lambda: engine.target_nll(windows))  # noqa: B023
         shorts = np.linspace(n // 8, n // 2, args.pairs).astype(int)
         prompts = [Prompt(ids[:n], None, "long")] + [Prompt(ids[n - s : n], None, f"short {s}") for s in shorts]
-        last_s, _ = measure(lambda: engine.last_logprobs(prompts))  # noqa: B023
+        last_s, _ = seconds_and_peak(lambda: engine.last_logprobs(prompts))  # noqa: B023
         gap = n // 2
         pos = np.arange(gap + n // 4, n)  # the long window's last positions, seen from both windows
         pair = AlignedWindows(ids[:n], ids[gap : gap + n], pos, pos - gap, None, "pair")
-        dense_s, _ = measure(lambda: engine.aligned_divergences([pair]))  # noqa: B023
+        dense_s, _ = seconds_and_peak(lambda: engine.aligned_divergences([pair]))  # noqa: B023
         rows.append(
             {
                 "route": route,
