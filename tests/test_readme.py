@@ -3,8 +3,7 @@
 Not run here (```sh blocks): the two vLLM commands (on this CPU a vLLM engine with their
 max_model_len of 12,5xx did not finish within the test's limits; the same command forms, key=value
 and JSON --model_args through the real `lm_eval --model vllm` CLI, run in tests/test_vllm.py and
-tests/test_vllm_hidden.py) and the sweep commands (tests/test_sweep.py runs real sweeps; their
-`--check` form hung under pytest's subprocess capture in the last session, not investigated yet).
+tests/test_vllm_hidden.py).
 
 Shrinking changes only sizes: ``--limit N`` -> 1 (added to an ``lm_eval`` command without one),
 the metadata's ``lengths`` -> [64, 128], and for vLLM commands on this CPU machine
@@ -72,7 +71,8 @@ def shrink(command: str) -> str:
         return command.replace("pip install .", f"pip install -q {ROOT}", 1)
     if command.startswith("lm-eval-longshort sweep "):
         spec = command.split()[2]
-        return command.replace(f" {spec}", f" {ROOT / spec}", 1) + " --check"
+        # --check right after the file: appended at the end it would land inside a trailing comment.
+        return command.replace(f" {spec}", f" {ROOT / spec} --check", 1)
     command = re.sub(r"--limit \d+", "--limit 1", command)
     if "lm_eval " in command and "--limit" not in command:
         command += " --limit 1"
