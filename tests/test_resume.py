@@ -57,13 +57,13 @@ def _command(model_args: str, cache: Path, out: Path) -> list[str]:
 
 
 def _stored(cache: Path) -> int:
-    """Documents committed to lm-eval's SQLite cache (SqliteDict's default table)."""
+    """Documents committed to the --use_cache file (the plugin's own table, JSON text)."""
     db = Path(f"{cache}_rank0.db")
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT COUNT(*) FROM unnamed WHERE key LIKE 'longshort:%'").fetchone()[0]
+            return con.execute("SELECT COUNT(*) FROM longshort_documents").fetchone()[0]
     except sqlite3.OperationalError:  # table not created yet, or locked for a moment
         return 0
 

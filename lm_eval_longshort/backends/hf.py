@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lm_eval_longshort.backends.fingerprint import hf_identity
 from lm_eval_longshort.backends.logits import (
     UnsupportedLogitsError,
     checked_log_softmax,
@@ -102,6 +103,9 @@ class HFEngine(ScoringEngine):
         return cls(lm.model, lm.tokenizer, lm.max_length, max_batch_rows=rows, **kwargs)
 
     # -- ScoringEngine properties -------------------------------------------------
+    def identity(self) -> dict:
+        return hf_identity(self.model)
+
     @property
     def max_length(self) -> int:
         return self._max_length

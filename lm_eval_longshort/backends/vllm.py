@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from vllm import SamplingParams, TokensPrompt
 
+from lm_eval_longshort.backends.fingerprint import vllm_identity
 from lm_eval_longshort.backends.hf import LENGTH_DEPENDENT_ROPE, rope_type
 from lm_eval_longshort.backends.logits import OutputHead, load_output_head
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
@@ -74,10 +75,17 @@ class _VLLMBase(ScoringEngine):
         self.batch_tokens = batch_tokens
         self.progress = progress
         self.model_config = llm.llm_engine.model_config
+        self._identity: dict | None = None
 
     @property
     def max_model_len(self) -> int:
         return int(self.model_config.max_model_len)
+
+    def identity(self) -> dict:
+        # Once, close to when the engine read its weights: later edits of the files are not in it.
+        if self._identity is None:
+            self._identity = vllm_identity(self.model_config, _checkpoint_folder(self.model_config))
+        return dict(self._identity)
 
     @property
     def tokenizer(self):

@@ -70,7 +70,7 @@ def longshort_score(self, requests, disable_tqdm: bool = False) -> list[str]:
     engine = engine_for(self)
     identity = engine_identity(engine)
     plans = _check_tasks(self, engine, requests)
-    store = DocumentStore.for_lm(self, engine, identity)
+    store = DocumentStore.for_lm(self, identity)
     responses: list[str | None] = [None] * len(requests)
     for plan, indices in plans:
         ENGINES_BY_TASK[plan.task] = identity

@@ -115,6 +115,12 @@ class ScoringEngine(abc.ABC):
         return "raise the backend's max_length"
 
     @abc.abstractmethod
+    def identity(self) -> dict:
+        """What the scores depend on besides the requests: ``{"model", "dtype", "config",
+        "weights", ...}`` JSON values, ``weights`` a digest of every weight byte (the resume
+        cache's key and the results JSON's engine record are built from it)."""
+
+    @abc.abstractmethod
     def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
         """Per window, float64 NLL of each scored token, in order."""
 
