@@ -191,12 +191,12 @@ def test_plots_and_report_files(reference):
 
 
 def _cache_rows(db: Path) -> int:
-    """Rows committed to lm-eval's SqliteDict cache (0 while it does not exist or is locked)."""
+    """Documents committed to the run's --use_cache file (0 while it does not exist or is locked)."""
     if not db.is_file():
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
-            return con.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
+            return con.execute("SELECT COUNT(*) FROM longshort_documents").fetchone()[0]
     except sqlite3.Error:
         return 0
 

@@ -1,0 +1,228 @@
+"""Nothing foreign in a sweep folder: claims, plans recorded in results, corrupt caches.
+
+* Claims (sweep/claims.py) between real processes: one holder at a time, a dead holder's
+  claim taken over, a live one respected, a stale heartbeat on "another host" taken over.
+* Two sweeps with different lengths on one folder: the second is refused naming the key; a
+  finished run's results copied into a new folder and reported with another plan: refused.
+* Two identical sweeps started at the same moment on one folder: each run computed once,
+  one results file per run, and the report equals a single sweep's.
+* A corrupt run cache: the run's failed.json says so in one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from offline import offline_env
+
+from lm_eval_longshort.sweep import claims
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = offline_env()
+
+
+def sweep_file(folder: Path, lengths=(32, 64), runs=("base", "yarn")) -> Path:
+    """Two tiny runs (the embedded model and a YaRN variant), one play, perplexity only."""
+    all_runs = {
+        "base": {"name": "base"},
+        "yarn": {"name": "yarn", "rope": {"type": "yarn", "factor": 2, "original_max_position_embeddings": 32}},
+    }
+    data = {
+        "name": "plans",
+        "base": "embedded",
+        "device": "cpu",
+        "model_args": {"dtype": "float32", "max_length": 128},
+        "tasks": ["longshort_ppl_shakespeare"],
+        "metadata": {"lengths": list(lengths), "target_tokens": 16},
+        "samples": [0],
+        "bootstrap_iters": 10,
+        "runs": [all_runs[r] for r in runs],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lm_eval_longshort.cli", "sweep", *args]
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(_cli(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _results(out: Path, run: str) -> list[Path]:
+    return sorted((out / "runs" / run).glob("results_*.json"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, assets) -> tuple[Path, Path]:
+    """(sweep file, output folder) of one finished two-run sweep."""
+    folder = tmp_path_factory.mktemp("finished")
+    path = sweep_file(folder)
+    proc = _run(str(path), "--output", str(folder / "out"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return path, folder / "out"
+
+
+# --------------------------------------------------------------------------- claims
+
+
+_HOLD = """
+import sys, time
+from lm_eval_longshort.sweep import claims
+claim = claims.try_claim(sys.argv[1], plan="p", stale_after=float(sys.argv[2]))
+print("held" if claim else "refused", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def _holder(path: Path, stale_after: float, sleep: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path), str(stale_after), str(sleep)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_claim_is_respected_and_a_dead_one_taken_over(tmp_path):
+    path = tmp_path / "claims" / "run.claim"
+    holder = _holder(path, stale_after=600, sleep=600)
+    try:
+        assert claims.try_claim(path, stale_after=600) is None  # the holder runs
+        assert claims.holder(path)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    taken = claims.try_claim(path, stale_after=600)  # its process is gone: taken over at once
+    assert taken is not None and taken.held()
+    assert claims.holder(path)["pid"] == os.getpid()
+    assert claims.try_claim(path, stale_after=600) is None  # now this process holds it
+    taken.release()
+    assert not path.exists()
+
+
+def test_another_hosts_claim_is_taken_over_only_without_heartbeat(tmp_path):
+    path = tmp_path / "run.claim"
+    path.write_text(json.dumps({"host": socket.gethostname() + "-elsewhere", "pid": 1, "token": "t"}))
+    assert claims.try_claim(path, stale_after=60) is None  # fresh heartbeat: respected
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    taken = claims.try_claim(path, stale_after=60)
+    assert taken is not None and claims.holder(path)["token"] == taken.token
+    taken.release()
+
+
+def test_the_holder_keeps_its_claim_fresh(tmp_path):
+    path = tmp_path / "run.claim"
+    claim = claims.try_claim(path, stale_after=0.4)
+    old = time.time() - 100
+    os.utime(path, (old, old))
+    time.sleep(0.5)  # the heartbeat (every 0.1 s) touched it again
+    assert time.time() - path.stat().st_mtime < 1
+    claim.release()
+
+
+def test_only_one_of_many_simultaneous_claimers_wins(tmp_path):
+    path = tmp_path / "run.claim"
+    script = (
+        "import sys, time; from lm_eval_longshort.sweep import claims; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "c = claims.try_claim(sys.argv[1]); print(int(c is not None), flush=True); time.sleep(2)"
+    )
+    start = time.time() + 2.0
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), str(start)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    wins = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
+    assert sum(wins) == 1, wins
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def test_another_plan_on_the_same_folder_is_refused_naming_the_key(finished, tmp_path):
+    _, out = finished
+    before = {run: _results(out, run) for run in ("base", "yarn")}
+    other = sweep_file(tmp_path / "other", lengths=(32, 96))
+    proc = _run(str(other), "--output", str(out))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "metadata.lengths" in proc.stderr and "runs/base" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {run: _results(out, run) for run in ("base", "yarn")} == before  # nothing recomputed
+    report_only = _run(str(other), "--output", str(out), "--report-only")
+    assert report_only.returncode == 2 and "metadata.lengths" in report_only.stderr
+
+
+def test_results_copied_elsewhere_are_not_reported_under_another_plan(finished, tmp_path):
+    path, out = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "runs", copy / "runs")
+    other = sweep_file(tmp_path / "other", lengths=(32, 96))
+    proc = _run(str(other), "--output", str(copy), "--report-only")
+    assert proc.returncode == 2 and "metadata.lengths" in proc.stderr, proc.stderr[-2000:]
+    assert not (copy / "report").exists()
+    same = _run(str(path), "--output", str(copy), "--report-only")  # the plan that computed them
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert (copy / "report" / "values.csv").read_text() == (out / "report" / "values.csv").read_text()
+
+
+def test_a_results_file_without_a_plan_is_foreign(finished, tmp_path):
+    path, out = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "runs", copy / "runs")
+    (result,) = _results(copy, "base")
+    data = json.loads(result.read_text())
+    del data["longshort_sweep"]
+    result.write_text(json.dumps(data))
+    proc = _run(str(path), "--output", str(copy), "--report-only")
+    assert proc.returncode == 2 and "records no sweep plan" in proc.stderr
+
+
+def test_two_identical_sweeps_started_together_compute_each_run_once(finished, tmp_path):
+    path, reference = finished
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            _cli(str(path), "--output", str(out)),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    both = "\n".join(logs)
+    for i, run in enumerate(("base", "yarn"), 1):
+        assert both.count(f"run {i}/2 {run}: starting") == 1, both
+        assert len(_results(out, run)) == 1
+    assert both.count("[sweep] report:") >= 1
+    assert (out / "report" / "values.csv").read_text() == (reference / "report" / "values.csv").read_text()
+    assert not list((out / "claims").glob("*.claim"))  # every claim released
+
+
+def test_corrupt_run_cache_fails_the_run_with_one_line_naming_it(assets, tmp_path):
+    path = sweep_file(tmp_path, runs=("base",))
+    out = tmp_path / "out"
+    cache = out / "cache" / "base_rank0.db"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"SQLite format 3\x00" + b"\x07" * 5000)  # a header, then garbage
+    proc = _run(str(path), "--output", str(out))
+    assert proc.returncode == 1
+    error = json.loads((out / "runs" / "base" / "failed.json").read_text())["error"]
+    assert "\n" not in error and str(cache) in error and "delete it" in error
+    assert "FAILED after" in proc.stdout and str(cache) in proc.stdout
