@@ -109,3 +109,15 @@ def terms_se(u: np.ndarray) -> float:
 def ratio_se(a, b) -> float:
     """The delta-method standard error of Σa/Σb over documents."""
     return terms_se(delta_terms(a, b)[1])
+
+
+def weight_files_sha256(folder) -> str:
+    """The resume key's weight digest of a checkpoint folder, restated: SHA-256 of the JSON list of
+    [file name, SHA-256 of its bytes] over the folder's *.safetensors files, sorted by name."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    listing = [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -25,6 +24,7 @@ import pytest
 import torch
 from harness_run import INSTALLED_TASKS
 from lm_eval.tasks import TaskManager
+from reference import weight_files_sha256
 from safetensors.torch import load_file, save_file
 
 from lm_eval_longshort.backends import fingerprint
@@ -163,11 +163,7 @@ def test_file_digest_follows_a_rewrite_that_restores_size_and_mtime(tmp_path, mo
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     second = fingerprint.files_digest(folder)
     assert second != first
-    # The digest is the files' content (independently: hashlib over the bytes, by name).
-    import hashlib
-
-    want = hashlib.sha256(json.dumps([[path.name, hashlib.sha256(path.read_bytes()).hexdigest()]]).encode())
-    assert second == want.hexdigest()
+    assert second == weight_files_sha256(folder)  # the files' content, computed independently
 
 
 def test_in_memory_digest_covers_every_value(smol):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from harness_run import evaluate, metric
+from reference import weight_files_sha256
 from vllm_helpers import in_process_vllm, lm_eval_cli_vllm, logged_response
 
 pytestmark = pytest.mark.vllm
@@ -76,6 +77,8 @@ def test_engine_facts(vllm_lm, engines):
     assert engine.vocab_size == 49152 and engine.model_config.logprobs_mode == "raw_logprobs"
     assert engine.position_dependent is False and engine.approximate_dense is True
     assert engine.tokenizer is vllm_lm.tokenizer
+    # The resume key covers every byte of the weight files the engine loaded.
+    assert engine.identity()["weights"] == "files:" + weight_files_sha256(engine.model_config.model)
 
 
 # --------------------------------------------------------------------------- engine level

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from harness_run import evaluate, metric
+from reference import weight_files_sha256
 from vllm_helpers import in_process_vllm, lm_eval_cli_vllm, logged_response
 
 pytestmark = pytest.mark.vllm
@@ -105,6 +106,7 @@ def test_hidden_route_engine_facts(hidden_route):
     head, embed = hf.model.get_output_embeddings().weight, hf.model.get_input_embeddings().weight
     assert engine.head.weight.dtype == torch.float32 and torch.equal(engine.head.weight, head.float())
     assert torch.equal(head, embed) == bool(hf.model.config.tie_word_embeddings)
+    assert engine.identity()["weights"] == "files:" + weight_files_sha256(engine.model_config.model)
 
 
 def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
