@@ -319,6 +319,16 @@ def test_yarn_variant_equals_an_independent_model(tmp_path, assets, smol, plays)
         ({"tasks": ["longshort_ppl_shakespear"]}, "no lm-eval task named 'longshort_ppl_shakespear'"),
         ({"runs": [{"name": "a"}, {"name": "a", "rope": YARN_32}]}, "two runs are named 'a'"),
         ({"metadata": {"lengths": [32], "pairz": 2}}, "unknown metadata key(s) ['pairz']"),
+        (
+            {"model_args": {"dtype": "float32", "max_lenght": 128}},
+            "unknown model argument 'max_lenght' (did you mean 'max_length'?)",
+        ),
+        ({"samples": [0, 999]}, "document index 999 out of range for longshort_ppl_shakespeare"),
+        ({"runs": [{"name": "nl\n"}]}, "run 'nl\\n': the run name names folders"),
+        (
+            {"runs": [{"name": "a", "rope": {**YARN_32, "factor": math.nan}}]},
+            "run 'a': rope.factor must be a finite number >= 1, got nan",
+        ),
     ],
 )
 def test_bad_sweeps_fail_before_any_model_loads(tmp_path, assets, change, message, capsys):

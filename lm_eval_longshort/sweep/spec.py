@@ -4,8 +4,10 @@ A sweep YAML lists runs (a backend and model_args, or a base model plus config o
 the tasks, the task metadata and the documents shared by every run. ``load_sweep`` turns it
 into a :class:`Sweep` or raises one :class:`SweepError` naming every problem (unknown keys,
 duplicate run names, a model that cannot be found, an override the model's config lacks, a
-task that does not exist, bad metadata), before any model is loaded: a mistake in run 5 must
-not surface an hour into run 1.
+task that does not exist, bad metadata; and, in checks.py, model arguments the backend does not
+take, document indices beyond a task's documents, names that cannot name a folder, nan or
+infinity in numeric settings), before any model is loaded: a mistake in run 5 must not surface
+an hour into run 1.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from lm_eval_longshort.sweep import variants
+from lm_eval_longshort.sweep import checks, variants
+from lm_eval_longshort.sweep.checks import unknown_keys
 
 BACKENDS = ("hf", "vllm")
 EMBEDDED = "embedded"  # `base: embedded`: the SmolLM2 folder made by `lm-eval-longshort prepare`
@@ -47,7 +49,6 @@ RUN_KEYS = ("name", "description", "backend", "model_args", "base", "rope", "ove
 TASK_KEYS = ("task", "as", "metadata")
 # What --quick may replace: metadata and model_args are merged over the full sweep's, the rest replaced.
 QUICK_KEYS = ("metadata", "model_args", "samples", "limit", "bootstrap_iters", "runs")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_BOOTSTRAP_ITERS = 100  # lm-eval's: any value > 0 turns the (delta-method) standard errors on
 
 
@@ -167,18 +168,6 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _unknown_keys(where: str, given: Iterable[str], known: Iterable[str]) -> list[str]:
-    """One problem line per key not in ``known``, with the closest known key as a hint."""
-    known = list(known)
-    problems = []
-    for key in given:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(f"{where}: unknown key '{key}'{hint}; known keys: {', '.join(known)}")
-    return problems
-
-
 def _merge(base: dict | None, top: dict | None) -> dict:
     """``top`` over ``base`` (one level: model_args and metadata are flat)."""
     return {**(base or {}), **(top or {})}
@@ -257,7 +246,7 @@ def _parse_task(entry: Any, index, problems: list[str], i: int) -> TaskSpec | No
     if not isinstance(entry, dict) or "task" not in entry:
         problems.append(f"{where}: give a task name, or a mapping with 'task' (and optional 'as', 'metadata')")
         return None
-    problems += _unknown_keys(where, entry, TASK_KEYS)
+    problems += unknown_keys(where, entry, TASK_KEYS)
     source = str(entry["task"])
     found = index.get(source)
     if found is None:
@@ -295,11 +284,13 @@ def _check_task_settings(tasks: list[TaskSpec], metadata: dict, problems: list[s
                 f"task {task.name}: {overlap} set both sweep-wide and for this task; lm-eval "
                 "gives the sweep-wide value precedence, so set each key in one place only"
             )
-        if task.kind is None:
+        non_finite = checks.finite_problems(f"task {task.name}", {**task.metadata, **metadata}, "metadata")
+        problems += non_finite
+        if task.kind is None or non_finite:
             continue
         try:
             parse_settings(task.kind, {**task.metadata, **metadata}, other_keys={"data keys": DATASET_KEYS})
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             problems.append(f"task {task.name}: {exc}")
 
 
@@ -342,14 +333,20 @@ def _parse_run(entry: Any, data: dict, i: int, problems: list[str]) -> RunSpec |
         problems.append(f"{where}: each run is a mapping with at least 'name'")
         return None
     name = str(entry["name"])
-    where = f"run '{name}'"
-    problems += _unknown_keys(where, entry, RUN_KEYS)
-    if not _NAME_RE.match(name):
-        problems.append(f"{where}: a run name is used as a folder name: letters, digits, '.', '_', '-' only")
+    where = f"run {name!r}"
+    problems += unknown_keys(where, entry, RUN_KEYS)
+    if problem := checks.name_problem(name):
+        problems.append(f"{where}: the run name {problem}")
     backend = str(entry.get("backend") or data.get("backend") or "hf")
     if backend not in BACKENDS:
         problems.append(f"{where}: backend '{backend}' is not one of {', '.join(BACKENDS)}")
-    model_args = _merge(data.get("model_args"), entry.get("model_args"))
+    elif backend == "vllm" and not checks.installed("vllm"):
+        problems.append(f"{where}: backend 'vllm' needs the vllm package, which is not installed")
+    own, shared = entry.get("model_args") or {}, data.get("model_args") or {}
+    if not isinstance(own, dict) or not isinstance(shared, dict):
+        problems.append(f"{where}: model_args must be a mapping, e.g. {{dtype: float32, max_length: 4096}}")
+        return None
+    model_args = _merge(shared, own)
     if "pretrained" in (entry.get("model_args") or {}) and entry.get("base") is not None:
         problems.append(f"{where}: give either base or model_args.pretrained, not both")
     base = _resolve_base(entry.get("base", None if "pretrained" in model_args else data.get("base")), where, problems)
@@ -369,6 +366,11 @@ def _parse_run(entry: Any, data: dict, i: int, problems: list[str]) -> RunSpec |
             problems.append(f"{where}: {exc}")
             return None
     model_args = {**model_args, "pretrained": str(model)}
+    if backend == "hf" or (backend == "vllm" and checks.installed("vllm")):
+        config_keys = variant.config() if variant else variants.model_config(str(model))
+        problems += checks.model_arg_problems(where, backend, own, config_keys)
+        shared = {k: v for k, v in shared.items() if k not in own}
+        problems += checks.model_arg_problems("model_args (sweep-wide)", backend, shared, config_keys)
     return RunSpec(name, backend, model_args, variant, str(entry.get("description") or ""))
 
 
@@ -379,40 +381,11 @@ def parse_runs(data: dict, problems: list[str]) -> tuple[RunSpec, ...]:
         problems.append("runs: list at least one run ({name: ..., base: embedded} or {name: ..., model_args: {...}})")
         return ()
     runs = [r for i, e in enumerate(entries) if (r := _parse_run(e, data, i, problems))]
-    names = [str(e.get("name")) for e in entries if isinstance(e, dict)]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"runs: two runs are named '{name}'; each run needs its own name (it names its folder)")
+    problems += checks.duplicate_names([str(e.get("name")) for e in entries if isinstance(e, dict) and "name" in e])
     return tuple(runs)
 
 
 # --------------------------------------------------------------------------- documents and the rest
-
-
-def _documents(data: dict, problems: list[str]) -> tuple[tuple[int, ...] | None, int | None]:
-    """``samples`` (document indices, the same for every task) or ``limit`` (first N documents)."""
-    samples, limit = data.get("samples"), data.get("limit")
-    if samples is not None and limit is not None:
-        problems.append("samples and limit: give one (samples: document indices, limit: the first N documents)")
-    if samples is not None:
-        if not isinstance(samples, list) or not samples or not all(isinstance(s, int) and s >= 0 for s in samples):
-            problems.append("samples: a list of document indices (integers >= 0), e.g. [35, 36, 37]")
-            samples = None
-        else:
-            samples = tuple(samples)
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        problems.append("limit: a whole number of documents >= 1")
-        limit = None
-    return samples, limit
-
-
-def _positive_int(data: dict, key: str, default: int | None, problems: list[str], minimum: int = 1) -> int | None:
-    value = data.get(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        problems.append(f"{key}: a whole number >= {minimum}, got {value!r}")
-        return default
-    return value
 
 
 def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None = None) -> Sweep:
@@ -423,9 +396,12 @@ def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None 
     """
     path = Path(path)
     data = _read_yaml(path)
-    problems = _unknown_keys(str(path), data, SWEEP_KEYS)
+    problems = unknown_keys(str(path), data, SWEEP_KEYS)
+    names_output = output is None and not data.get("output")  # sweep_results/<name>
+    if names_output and data.get("name") is not None and (problem := checks.name_problem(str(data["name"]))):
+        problems.append(f"name: the sweep name {str(data['name'])!r} {problem}")
     if isinstance(data.get("quick"), dict):
-        problems += _unknown_keys(f"{path}: quick", data["quick"], QUICK_KEYS)
+        problems += unknown_keys(f"{path}: quick", data["quick"], QUICK_KEYS)
     if quick:
         data = apply_quick(data, path)
     metadata = data.get("metadata") or {}
@@ -436,10 +412,12 @@ def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None 
     manager = _task_manager(metadata, [e.get("task") if isinstance(e, dict) else e for e in entries])
     tasks = parse_tasks(data, metadata, manager.task_index, problems)
     runs = parse_runs(data, problems)
-    samples, limit = _documents(data, problems)
-    bootstrap = _positive_int(data, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS, problems, minimum=0)
-    trained = _positive_int(data, "trained_context", None, problems)
+    samples, limit = checks.documents(data, problems)
+    problems += checks.sample_problems(samples, tasks, metadata)
+    bootstrap = checks.whole_number(data, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS, problems, minimum=0)
+    trained = checks.whole_number(data, "trained_context", None, problems)
     if problems:
+        problems = list(dict.fromkeys(problems))  # a sweep-wide problem once, not once per run
         listing = "\n".join(f"  - {p}" for p in problems)
         raise SweepError(f"{path}: {len(problems)} problem(s), nothing was run:\n{listing}")
     name = str(data.get("name") or path.stem) + ("-quick" if quick else "")

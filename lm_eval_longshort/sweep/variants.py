@@ -12,10 +12,13 @@ in ``rope_parameters`` (``rope_type``, ``factor``, ``rope_theta``, and for YaRN
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lm_eval_longshort.sweep.checks import non_finite
 
 ROPE_TYPES = ("linear", "dynamic", "yarn")
 ROPE_KEYS = ("type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
@@ -79,6 +82,14 @@ def model_folder(model: str) -> Path:
     return Path(snapshot_download(model, local_files_only=True))
 
 
+def model_config(model: str) -> dict:
+    """The model's config.json as a mapping ({} when it cannot be read without a download)."""
+    try:
+        return json.loads((model_folder(model) / "config.json").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - only a hint for the model_args check: any failure means "unknown"
+        return {}
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     """``top`` over ``base``; nested mappings merge key by key (so rope_theta survives a RoPE override)."""
     out = dict(base)
@@ -102,12 +113,18 @@ def rope_overrides(rope: dict, base_config: dict) -> dict:
     kind = rope.get("type")
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope.type must be one of {', '.join(ROPE_TYPES)}, got {kind!r}")
-    factor = rope.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-        raise ValueError(f"rope.factor must be a number >= 1, got {factor!r}")
-    original = int(rope.get("original_max_position_embeddings") or base_config.get("max_position_embeddings") or 0)
+    factor = _rope_number(rope, "factor", 1, "a finite number >= 1")
+    original = rope.get("original_max_position_embeddings")
+    if original is not None and not (_is_number(original) and original >= 1 and float(original).is_integer()):
+        raise ValueError(f"rope.original_max_position_embeddings must be a whole number >= 1, got {original!r}")
+    original = int(original or base_config.get("max_position_embeddings") or 0)
     if original < 1:
         raise ValueError("rope: the base config has no max_position_embeddings; give original_max_position_embeddings")
+    if original * factor >= 2**31:
+        raise ValueError(f"rope.factor {rope['factor']!r} x {original} positions: beyond any model's range; lower it")
+    for key in ("beta_fast", "beta_slow", "attention_factor"):
+        if key in rope:
+            _rope_number(rope, key, 0, "a finite number > 0", strict=True)
     params = {"rope_type": kind, "factor": float(factor)}
     params |= {k: rope[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in rope}
     if kind == "yarn":
@@ -125,10 +142,25 @@ def rope_overrides(rope: dict, base_config: dict) -> dict:
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rope_number(rope: dict, key: str, minimum: float, rule: str, strict: bool = False) -> float:
+    """``rope[key]`` if it is a finite number >= ``minimum`` (> with ``strict``), else ValueError."""
+    value = rope.get(key)
+    if not _is_number(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"rope.{key} must be {rule}, got {value!r}")
+    return float(value)
+
+
 def _check_overrides(overrides: dict, base_config: dict, base: Path) -> None:
     """Every top-level override is a key the base config has (the RoPE key may be new)."""
     if not isinstance(overrides, dict):
         raise ValueError("overrides: a mapping of config.json keys to new values")
+    bad = non_finite(overrides, "overrides")
+    if bad:
+        raise ValueError(f"{bad[0][0]} is {bad[0][1]!r}: config values must be finite numbers")
     rope_key = rope_config_key()
     missing = sorted(k for k in overrides if k not in base_config and k != rope_key)
     if missing:
