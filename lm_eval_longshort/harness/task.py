@@ -116,8 +116,18 @@ class _LongShortTask(ConfigurableTask):
                 self.dataset[split] = ds.add_column("doc_index", list(range(len(ds))))
 
     def construct_requests(self, doc, ctx, **kwargs) -> Instance:
-        task, doc_id, _ = kwargs["metadata"]
-        doc_id = int(doc.get("doc_index", doc_id))
+        # lm-eval's evaluator passes metadata=(task, doc_id, repeats); its own task tests call
+        # construct_requests(doc=..., ctx=...) without it, as the Task contract allows.
+        metadata = kwargs.get("metadata") or (self.config.task, doc.get("doc_index"), 1)
+        task, doc_id, _ = metadata
+        task = task or self.config.task
+        doc_id = doc.get("doc_index", doc_id)  # the place in the full list, also under --samples
+        if doc_id is None:
+            raise ValueError(
+                f"{self.config.task}: construct_requests needs the document's index: a doc with "
+                "'doc_index' (every doc of this task's dataset has one) or metadata=(task, doc_id, repeats)"
+            )
+        doc_id = int(doc_id)
         digest = text_sha1(doc["text"])[:12]
         # arguments[0] is what lm-eval hashes for --log_samples: it names the document by
         # content; the text itself is read from `doc` by the LM method.
@@ -127,7 +137,7 @@ class _LongShortTask(ConfigurableTask):
             doc=doc,
             arguments=(label, self._settings_json),
             idx=0,
-            metadata=kwargs["metadata"],
+            metadata=metadata,
         )
 
     def process_results(self, doc, results) -> dict:
@@ -203,7 +213,18 @@ def _keyppl(pairs) -> float:
     return value
 
 
-_keyppl.stderr = aggregate.perplexity.stderr  # type: ignore[attr-defined]
+def _keyppl_stderr(pairs) -> float:
+    """The delta-method error of keyppl; NaN when fewer than 2 documents hold key tokens.
+
+    A document without key tokens contributes (0, 0), so with all key tokens in one document
+    every residual a_d - R·b_d is 0 and the formula gives 0: an artefact, not certainty.
+    """
+    if sum(1 for pair in pairs if pair is not None and pair[1] > 0) < 2:
+        return math.nan
+    return aggregate.perplexity.stderr(pairs)
+
+
+_keyppl.stderr = _keyppl_stderr  # type: ignore[attr-defined]
 
 
 class PerplexityTask(_LongShortTask):

@@ -4,8 +4,10 @@ For one ppl task and one misalign task, across runs: the per-(run, L) values; th
 difference of every run from a baseline run and of every length from the shortest length
 of the same run, on the same documents (numerics.aggregate.paired_difference, documents
 matched by index and text hash); and Pearson / Spearman correlations (scipy.stats) of
-misalignment@L with perplexity@L, per length and pooled. Runs whose results measured
-different things (grouping.py) are refused, naming the keys that differ.
+misalignment@L with perplexity@L, per length and pooled. Runs with only one of the two
+kinds (e.g. perplexity only) get values and paired differences of that kind, without
+correlations. Runs whose results measured different things (grouping.py) are refused,
+naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -149,23 +151,34 @@ class CompareResult:
 
     misalign_metric: str
     ppl_metric: str
-    misalign_task: str
-    ppl_task: str
+    misalign_task: str | None  # None: no run reports misalignment (no correlations)
+    ppl_task: str | None  # None: no run reports perplexity (no correlations)
     columns: list[str]
     rows: list[dict]
     per_length: list[Correlation]
-    pooled: Correlation
+    pooled: Correlation | None  # None when there is nothing to correlate (one kind only)
     runs: list[Run] = field(default_factory=list)
     between_runs: list[Difference] = field(default_factory=list)
     between_lengths: list[Difference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def correlated(self) -> bool:
+        """Whether both kinds were measured, so misalignment and perplexity are correlated."""
+        return self.misalign_task is not None and self.ppl_task is not None
+
+    @property
     def _what(self) -> str:
-        return (
-            f"{self.misalign_metric}@L ({short_task(self.misalign_task)}) vs "
-            f"{self.ppl_metric}@L ({short_task(self.ppl_task)})"
-        )
+        sides = [
+            f"{metric}@L ({short_task(task)})"
+            for metric, task in ((self.misalign_metric, self.misalign_task), (self.ppl_metric, self.ppl_task))
+            if task is not None
+        ]
+        return " vs ".join(sides)
+
+    @property
+    def _correlations(self) -> list[Correlation]:
+        return [*self.per_length, self.pooled] if self.pooled is not None else list(self.per_length)
 
     def _run_cells(self) -> list[list[str]]:
         return [[r.label, r.backend, r.dtype, str(r.path)] for r in self.runs]
@@ -187,7 +200,7 @@ class CompareResult:
                 format_value(c.pearson),
                 format_value(c.spearman),
             ]
-            for c in (*self.per_length, self.pooled)
+            for c in self._correlations
         ]
 
     @staticmethod
@@ -230,22 +243,28 @@ class CompareResult:
                     3,
                 )
             )
-        sections.append((f"Correlation across runs of {self._what}", _CORR_HEADER, self._corr_cells(), 0))
+        if self.correlated:
+            sections.append((f"Correlation across runs of {self._what}", _CORR_HEADER, self._corr_cells(), 0))
         return sections
+
+    @property
+    def _footnotes(self) -> list[str]:
+        return [_SMALL_N_NOTE, *self.notes] if self.correlated else list(self.notes)
 
     def to_text(self) -> str:
         """Aligned plain-text tables for a terminal."""
         parts = []
         for title, header, rows, left in self._sections():
             parts += [title, render_table(header, rows, left=left), ""]
-        return "\n".join(parts + [_SMALL_N_NOTE, *self.notes])
+        return "\n".join(parts + self._footnotes)
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown: one section per table."""
         parts = [f"## {self._what}", ""]
         for title, header, rows, _ in self._sections():
             parts += [f"### {title}", "", render_table(header, rows, markdown=True), ""]
-        return "\n".join(parts + [f"_{_SMALL_N_NOTE}_", "", *(f"_{n}_" for n in self.notes)])
+        notes = [f"_{n}_" for n in self.notes]
+        return "\n".join(parts + ([f"_{_SMALL_N_NOTE}_", "", *notes] if self.correlated else notes))
 
     def to_csv(self, path: str | Path, table: str = "rows") -> Path:
         """Write ``table`` = "rows" (one line per run and L), "correlations" or "differences"."""
@@ -257,7 +276,7 @@ class CompareResult:
             header = _CORR_HEADER
             body = [
                 ["pooled" if c.length is None else c.length, c.n, _csv_value(c.pearson), _csv_value(c.spearman)]
-                for c in (*self.per_length, self.pooled)
+                for c in self._correlations
             ]
         elif table == "differences":
             header = _DIFF_HEADER
@@ -305,6 +324,14 @@ def _pick_task(runs: Sequence[Run], metric: str, requested: str | None, flag: st
     return candidates[0]
 
 
+def _pick_side(runs: Sequence[Run], metric: str, family: Sequence[str], requested: str | None, flag: str) -> str | None:
+    """The task of one side (perplexity or misalignment), or None when no run reports any
+    metric of ``family`` and no task was asked for: that side is then left out."""
+    if requested is None and not any(r.tasks_with([*family, metric]) for r in runs):
+        return None
+    return _pick_task(runs, metric, requested, flag)
+
+
 def check_comparable(runs: Sequence[Run], task: str, kind: str) -> None:
     """Refuse (ReportingError naming the differing keys and the groups) unless every run's
     result of ``task`` measured the same thing."""
@@ -330,17 +357,22 @@ def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
 
 def _table_rows(
     runs: Sequence[Run],
-    p_task: str,
-    m_task: str,
+    p_task: str | None,
+    m_task: str | None,
     ppl_cols: Sequence[str],
     mis_cols: Sequence[str],
     misalign_metric: str,
     ppl_metric: str,
 ):
-    """(rows, per-length correlations, pooled points) for the lengths 2+ runs report."""
+    """(rows, per-length correlations, pooled points) for the lengths 2+ runs report.
+
+    With one side missing (task None) there are rows but no correlations.
+    """
 
     def present(run: Run, L: int) -> bool:
-        return finite(run.value(p_task, ppl_metric, L)) or finite(run.value(m_task, misalign_metric, L))
+        return (p_task is not None and finite(run.value(p_task, ppl_metric, L))) or (
+            m_task is not None and finite(run.value(m_task, misalign_metric, L))
+        )
 
     rows, per_length, pooled = [], [], []
     for L in sorted({L for r in runs for L in r.lengths}):
@@ -351,13 +383,18 @@ def _table_rows(
         for run in members:
             row = {"label": run.label, "L": L}
             for task, cols in ((p_task, ppl_cols), (m_task, mis_cols)):
+                if task is None:
+                    continue
                 row |= {m: run.value(task, m, L) for m in cols}
                 row |= {f"{m}_stderr": run.error(task, m, L) for m in cols}
             rows.append(row)
+            if p_task is None or m_task is None:
+                continue
             x, y = run.value(m_task, misalign_metric, L), run.value(p_task, ppl_metric, L)
             if finite(x) and finite(y):
                 points.append((x, y))
-        per_length.append(_correlate(L, points))
+        if p_task is not None and m_task is not None:
+            per_length.append(_correlate(L, points))
         pooled += points
     return rows, per_length, pooled
 
@@ -375,23 +412,37 @@ def compare_runs(
     A length enters the rows and correlations when at least 2 runs report a finite
     ``misalign_metric`` or ``ppl_metric`` there; correlations use the runs with both
     finite. The tasks are found automatically when only one task reports each metric
-    (else pass ``ppl_task`` / ``misalign_task``, full or short name). Differences between
-    runs are taken against ``baseline`` (a run label; default the first run).
+    (else pass ``ppl_task`` / ``misalign_task``, full or short name). When no run reports
+    any misalignment metric (or any perplexity metric) and no such task is asked for, that
+    side is left out: values and paired differences of the other, no correlations.
+    Differences between runs are taken against ``baseline`` (a run label; default the first run).
     """
-    p_task = _pick_task(runs, ppl_metric, ppl_task, "--ppl-task")
-    m_task = _pick_task(runs, misalign_metric, misalign_task, "--misalign-task")
-    check_comparable(runs, p_task, "ppl")
-    check_comparable(runs, m_task, "misalign")
+    p_task = _pick_side(runs, ppl_metric, PPL_METRICS, ppl_task, "--ppl-task")
+    m_task = _pick_side(runs, misalign_metric, MISALIGN_METRICS, misalign_task, "--misalign-task")
+    if p_task is None and m_task is None:
+        available = sorted({m for r in runs for t in r.per_length.values() for m in t})
+        raise ReportingError(
+            "no run reports per-length perplexity or misalignment metrics (were these longshort_* tasks?); "
+            f"per-length metrics present: {', '.join(available) or 'none'}"
+        )
+    for task, kind in ((p_task, "ppl"), (m_task, "misalign")):
+        if task is not None:
+            check_comparable(runs, task, kind)
     base = _pick_baseline(runs, baseline)
-    ppl_cols = list(dict.fromkeys([*PPL_METRICS, ppl_metric]))
-    mis_cols = [m for m in dict.fromkeys([*MISALIGN_METRICS, misalign_metric]) if m not in ppl_cols]
+    ppl_cols = list(dict.fromkeys([*PPL_METRICS, ppl_metric])) if p_task is not None else []
+    mis_cols = (
+        [m for m in dict.fromkeys([*MISALIGN_METRICS, misalign_metric]) if m not in ppl_cols]
+        if m_task is not None
+        else []
+    )
     rows, per_length, pooled = _table_rows(runs, p_task, m_task, ppl_cols, mis_cols, misalign_metric, ppl_metric)
     if not rows:
+        which = " or ".join(m for m, t in ((misalign_metric, m_task), (ppl_metric, p_task)) if t is not None)
         raise ReportingError(
-            f"no context length is reported by 2 or more runs (for {misalign_metric} or {ppl_metric}); "
+            f"no context length is reported by 2 or more runs (for {which}); "
             "compare needs at least two runs evaluated at the same lengths"
         )
-    measures = [(p_task, ppl_metric), (m_task, misalign_metric)]
+    measures = [(t, m) for t, m in ((p_task, ppl_metric), (m_task, misalign_metric)) if t is not None]
     result = CompareResult(
         misalign_metric,
         ppl_metric,
@@ -400,13 +451,28 @@ def compare_runs(
         ["label", "L", *ppl_cols, *mis_cols],
         rows,
         per_length,
-        _correlate(None, pooled),
+        _correlate(None, pooled) if p_task is not None and m_task is not None else None,
         list(runs),
         _between_runs(runs, base, measures),
         _between_lengths(runs, measures),
     )
-    result.notes = _notes(runs)
+    result.notes = _one_side_note(p_task, m_task) + _notes(runs)
     return result
+
+
+def _one_side_note(p_task: str | None, m_task: str | None) -> list[str]:
+    """Say so when only one kind was measured (hence no correlations)."""
+    if m_task is None:
+        return [
+            "no run reports misalignment (no longshort_misalign_* task): perplexity values and "
+            "paired differences only, no misalignment-vs-perplexity correlation"
+        ]
+    if p_task is None:
+        return [
+            "no run reports perplexity (no longshort_ppl_* task): misalignment values and "
+            "paired differences only, no misalignment-vs-perplexity correlation"
+        ]
+    return []
 
 
 def _notes(runs: Sequence[Run]) -> list[str]:

@@ -48,6 +48,7 @@ class Run:
     longshort: dict[str, dict | None] = field(default_factory=dict)  # None: file predates it
     backend: str = "?"
     dtype: str = "?"
+    bootstrap_iters: int | None = None  # lm-eval's --bootstrap_iters (0 turns standard errors off)
 
     def tasks_with(self, metrics: Iterable[str]) -> list[str]:
         """Sorted names of the tasks reporting any of ``metrics`` per length."""
@@ -81,6 +82,23 @@ class Run:
         """What ``task`` measured (settings, corpus, document set), or None for older files."""
         record = self.longshort.get(task)
         return record.get("measured") if record else None
+
+    def scored_documents(self, task: str) -> int | None:
+        """How many documents ``task`` scored (skipped ones not counted), or None if unknown."""
+        record = self.longshort.get(task)
+        if record and isinstance(record.get("documents"), list) and record["documents"]:
+            return sum(1 for doc in record["documents"] if not doc.get("skipped"))
+        count = self.scalars.get(task, {}).get("documents")
+        return int(count) if finite(count) else None
+
+    def contributing_documents(self, task: str, key: str) -> int | None:
+        """How many scored documents have a positive denominator for ``key`` (e.g. ``keyppl``:
+        documents with at least one key token), or None where the results hold no per-document sums."""
+        record = self.longshort.get(task) or {}
+        docs = [d for d in record.get("documents") or [] if not d.get("skipped")]
+        if not docs or not all(isinstance(d.get("sums"), dict) and key in d["sums"] for d in docs):
+            return None
+        return sum(1 for d in docs if float(d["sums"][key][1]) > 0)
 
     def document_sums(self, task: str, metric: str, length: int) -> dict[tuple[int, str], list[float]]:
         """``{(doc_index, text sha1): [numerator, denominator]}`` of ``metric@length``.
@@ -181,7 +199,11 @@ def _basename(path_like: str) -> str:
 
 
 def default_label(data: dict, path: Path) -> str:
-    """Basename of ``pretrained=`` (plus the GGUF file name, if any), else the file stem."""
+    """The sweep run's name for a file a sweep wrote (``longshort_sweep.run``), else the basename
+    of ``pretrained=`` (plus the GGUF file name, if any), else the file stem."""
+    sweep = data.get("longshort_sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("run"), str) and sweep["run"]:
+        return sweep["run"]
     config = data.get("config") or {}
     args = _model_args_dict(config.get("model_args"))
     name = args.get("pretrained") or args.get("model") or data.get("model_name") or ""
@@ -250,6 +272,8 @@ def read_results_file(path: str | Path) -> Run:
         record = config.get("longshort")
         run.longshort[task] = record if isinstance(record, dict) else None
     run.backend, run.dtype = _engine(data, run.longshort.values())
+    iters = (data.get("config") or {}).get("bootstrap_iters")
+    run.bootstrap_iters = iters if isinstance(iters, int) and not isinstance(iters, bool) else None
     return run
 
 
@@ -274,6 +298,7 @@ def _merge_into(base: Run, newer: Run) -> None:
     base.sources.append(newer.path)
     base.path = newer.path
     base.backend, base.dtype = newer.backend, newer.dtype
+    base.bootstrap_iters = newer.bootstrap_iters
 
 
 def _runs_in_directory(directory: Path) -> list[Run]:

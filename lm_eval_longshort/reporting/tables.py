@@ -119,10 +119,22 @@ def format_length_table(run: Run) -> str:
     return render_table(header, rows, groups)
 
 
-def _scalar_text(name: str, value: float, error: float | None) -> str:
-    """``name=value±error``; a NaN keyppl means no target was a key token, and says so."""
+def _documents(n: int) -> str:
+    return f"{n} document" if n == 1 else f"{n} documents"
+
+
+def _scalar_text(run: Run, task: str, name: str, value: float, error: float | None) -> str:
+    """``name=value±error``; a NaN keyppl means no target was a key token, and says so.
+
+    keyppl pools key tokens; when they all came from one document, the delta-method error
+    over documents is 0 by construction (not certainty): no ± then, and the line says why.
+    """
     if name == "keyppl" and math.isnan(value):
         return f"keyppl: {NO_KEY_TOKENS}"
+    if name == "keyppl":
+        n_key_docs = run.contributing_documents(task, "keyppl")
+        if n_key_docs is not None and n_key_docs < 2:
+            return f"keyppl={format_value(value)} (no standard error: key tokens in {_documents(n_key_docs)} only)"
     return f"{name}={format_with_error(value, error)}"
 
 
@@ -131,19 +143,42 @@ def format_scalars(run: Run) -> str:
     lines = []
     for task in sorted(run.scalars):
         errors = run.scalar_stderr.get(task, {})
-        items = "  ".join(_scalar_text(k, v, errors.get(k)) for k, v in sorted(run.scalars[task].items()))
+        items = "  ".join(_scalar_text(run, task, k, v, errors.get(k)) for k, v in sorted(run.scalars[task].items()))
         if items:
             lines.append(f"{short_task(task)}: {items}")
     return "\n".join(lines)
 
 
+def _too_few_documents(run: Run) -> dict[str, int]:
+    """Tasks with per-length metrics that scored fewer than 2 documents (no standard error possible)."""
+    counts = {task: run.scored_documents(task) for task in run.per_length}
+    return {task: n for task, n in counts.items() if n is not None and n < 2}
+
+
 def _error_note(run: Run) -> str:
-    """What ± means, when any cell has one; else that the file holds no standard errors."""
+    """What ± means, when any cell has one; else why the file holds no standard errors.
+
+    Fewer than 2 scored documents is named before ``--bootstrap_iters 0``: a standard error
+    over documents needs at least 2, whatever lm-eval was asked for.
+    """
+    few = _too_few_documents(run)
+    few_text = ", ".join(f"{short_task(t)} {_documents(n)}" for t, n in sorted(few.items()))
+    need = "a standard error over documents needs at least 2"
     if not any(finite(se) for metrics in run.stderr.values() for v in metrics.values() for se in v.values()):
-        return "(no standard errors in these results: lm_eval ran with --bootstrap_iters 0, or an older version)"
+        if few and len(few) == len(run.per_length):
+            also = " (lm_eval also ran with --bootstrap_iters 0)" if run.bootstrap_iters == 0 else ""
+            counts = set(few.values())
+            scored = f"only {_documents(counts.pop())} scored" if len(counts) == 1 else f"scored: {few_text}"
+            return f"(no standard errors: {scored}; {need}){also}"
+        if run.bootstrap_iters == 0:
+            return "(no standard errors in these results: lm_eval ran with --bootstrap_iters 0)"
+        if run.bootstrap_iters is None:
+            return "(no standard errors in these results: lm_eval ran with --bootstrap_iters 0, or an older version)"
+        return "(no standard errors in these results)"
     methods = sorted({str((r or {}).get("stderr")) for r in run.longshort.values() if r and r.get("stderr")})
     how = f" ({', '.join(methods)} method)" if methods else ""
-    return f"± = standard error over documents{how}"
+    note = f"± = standard error over documents{how}"
+    return f"{note}; none where too few documents were scored ({few_text}; {need})" if few else note
 
 
 def run_title(run: Run) -> str:
