@@ -59,7 +59,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: install-test prepare lint
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)
