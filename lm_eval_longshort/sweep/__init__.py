@@ -1,8 +1,10 @@
 """`lm-eval-longshort sweep SWEEP.yaml`: many models (or RoPE variants of one), one report.
 
 spec      read the sweep YAML, apply --quick, validate everything before any model loads
+checks    the validation rules spec applies (model arguments, documents, names, numbers)
 variants  a base model folder + config overrides (RoPE scaling) -> a loadable model folder
-execute   one run at a time through lm_eval.simple_evaluate; skip finished, resume, record failures
+claims    one worker per run across processes and hosts sharing the output folder
+execute   one run at a time through lm_eval.simple_evaluate; skip finished, claim, resume, record failures
 report    Markdown tables ± standard errors, correlations across runs, PNG plots, CSV
 """
 

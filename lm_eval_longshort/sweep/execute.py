@@ -1,20 +1,23 @@
-"""Running a sweep: one model at a time through ``lm_eval.simple_evaluate``, restartable.
+"""Running a sweep: one run at a time per worker through ``lm_eval.simple_evaluate``, restartable,
+shareable by several workers on one output folder.
 
 Output folder layout (``--output DIR``)::
 
-    runs/<run>/plan.json           what the run computes (a finished run with another plan is refused)
-    runs/<run>/results_<date>.json lm-eval's results JSON; its presence means the run finished
+    runs/<run>/plan.json           what the run computes (for people; the plan that counts is in the results)
+    runs/<run>/results_<date>.json lm-eval's results JSON with the run's plan; its presence means finished
     runs/<run>/failed.json         the error of the last failed attempt
+    claims/<run>.claim             the worker computing the run now (sweep/claims.py)
     models/<run>/                  the variant folder (config.json + linked weights), if derived
-    cache/<run>_rank0.db           lm-eval's --use_cache database: per-document resume
+    cache/<run>_rank0.db           lm-eval's --use_cache file: resume chunk by chunk
     .partial/<run>/                where lm-eval writes before the results are moved into place
     report/                        report.md, values.csv, correlations.csv, *.png
     sweep_status.json              per run: status, seconds, error (times live here, not in the report)
 
 A run is finished only when its results file was renamed into ``runs/<run>/`` (written
-completely elsewhere first), so a half-written result is never taken as finished. Restarted,
-the sweep skips finished runs and resumes the unfinished one document by document from its
-cache. A run that raises is recorded as failed and the sweep goes on with the next one.
+completely elsewhere first) and the plan recorded in it is this sweep's. A worker claims a run
+before computing it; other workers skip it, or take it over when the holder is gone, resuming
+from its cache. A run that raises is recorded as failed and the worker goes on with the next one;
+the worker that leaves nothing unfinished writes the report.
 """
 
 from __future__ import annotations
@@ -88,7 +91,6 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Per-run and overall progress lines with time estimates (mean of the runs scored so far)."""
 
-    total: int
     write: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
     durations: list[float] = field(default_factory=list)
     start: float = field(default_factory=time.monotonic)
@@ -333,7 +335,7 @@ def run_sweep(sweep: Sweep, progress: Progress | None = None) -> SweepOutcome:
     left to compute (the last worker to finish writes it); never raises for a failing run."""
     layout = Layout(Path(sweep.output))
     check_output(sweep, layout)
-    progress = progress or Progress(len(sweep.runs))
+    progress = progress or Progress()
     total = len(sweep.runs)
     progress.say(f"{sweep.name}: {total} runs x {len(sweep.tasks)} tasks -> {layout.root}")
     skipped, finished, failed, seconds, elsewhere = [], [], {}, {}, []
