@@ -6,10 +6,11 @@ assets once in the real cache (from the installed wheels; cached across runs).
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
-import time
 import zipfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +19,7 @@ import pytest
 from lm_eval_longshort import assets
 from lm_eval_longshort.harness import datasets as lds
 
+TASK_CONFIGS = Path(__file__).resolve().parents[1] / "task_configs"  # the repository's task YAMLs
 # Metadata keys lm-eval passes along that the loaders must ignore.
 UNRELATED = {"pretrained": "some/model", "dtype": "float32", "version": 1.0, "max_seq_lengths": [4096]}
 
@@ -140,8 +142,23 @@ def test_hub_documents_needs_a_dataset():
         lds.hub_documents(**UNRELATED)
 
 
-def test_dataset_keys_cover_the_loader_arguments():
-    assert set(lds.DATASET_KEYS) == {"hf_dataset", "hf_config", "split", "text_field", "title_field", "files"}
+def test_loader_keys_are_the_loaders_own_arguments():
+    """LOADER_KEYS (what the task checks accept per loader) equals each loader's signature, its
+    loaders are those the task YAMLs name, and DATASET_KEYS is their union: a loader argument added
+    without registering it (a valid key refused as unknown) or a stale entry fails here."""
+    named = {
+        line.split("lm_eval_longshort.harness.datasets.", 1)[1].strip()
+        for path in TASK_CONFIGS.glob("_*_data_yaml")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("custom_dataset:")
+    }
+    assert named == set(lds.LOADER_KEYS) == {"shakespeare", "local", "hub_documents"}
+    for name, keys in lds.LOADER_KEYS.items():
+        params = inspect.signature(getattr(lds, name)).parameters.values()
+        arguments = {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        assert set(keys) == arguments and len(keys) == len(set(keys)), name
+    union = {key for keys in lds.LOADER_KEYS.values() for key in keys}
+    assert set(lds.DATASET_KEYS) == union and len(lds.DATASET_KEYS) == len(union)
 
 
 # ----------------------------------------------------------------------------- assets
@@ -173,10 +190,24 @@ def test_shakespeare_gives_38_long_plays_sorted_by_path(prepared):
     assert "Measure for Measure" in lengths  # the one play without a "# " title line
 
 
-def test_prepare_is_idempotent_and_fast(prepared):
-    start = time.monotonic()
+def _asset_files(prepared: assets.EmbeddedAssets) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime_ns, size) of every file of the prepared model, GGUF and corpus folders."""
+    folders = (prepared.model_dir, prepared.gguf_dir, prepared.corpus_file.parent)
+    return {
+        str(path): (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size)
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_prepare_is_idempotent_and_rewrites_nothing(prepared):
+    """A second prepare only checks: every asset file keeps its inode, mtime and size (a redone
+    step writes under a temporary name and renames into place, which changes the inode)."""
+    before = _asset_files(prepared)
+    assert str(prepared.model_dir / "model.safetensors") in before and str(prepared.corpus_file) in before
     again = assets.prepare(progress=False)
-    assert time.monotonic() - start < 1.0
+    assert _asset_files(prepared) == before
     assert again == prepared == assets.locate()
     assert prepared.converted
     assert (prepared.gguf_dir / prepared.gguf_file).stat().st_size > 90_000_000

@@ -10,6 +10,7 @@ without stopping the sweep.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import signal
@@ -26,6 +27,7 @@ import yaml
 from offline import offline_env
 from scipy import stats
 
+from lm_eval_longshort import reporting
 from lm_eval_longshort.sweep import SweepError, load_sweep, report, variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ TASKS = [
     "longshort_ppl_shakespeare",
     {"task": "longshort_misalign_shakespeare", "as": "longshort_misalign_last", "metadata": {"mode": "last"}},
 ]
+PPL_TASK, MIS_TASK = "longshort_ppl_shakespeare", "longshort_misalign_last"
 YARN_32 = {"type": "yarn", "factor": 2, "original_max_position_embeddings": 32}
 
 
@@ -139,10 +142,39 @@ def test_report_tables_equal_the_results_json(reference):
     assert Path(yarn["config"]["model_args"]["pretrained"]).parent.name == "models"
 
 
+def numpy_intervals(x, y) -> dict[str, tuple[float, float]]:
+    """The documented bootstrap over runs, written here with numpy: draws
+    ``default_rng(seed).integers(0, n, (draws, n))``, a draw with a constant side left out, the
+    2.5 and 97.5 percentiles; NaN bounds below 3 runs or with fewer than half the draws usable."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    nan = (math.nan, math.nan)
+    if len(x) < 3:
+        return {"pearson": nan, "spearman": nan}
+    idx = np.random.default_rng(report.BOOTSTRAP_SEED).integers(0, len(x), size=(report.BOOTSTRAP_DRAWS, len(x)))
+    pearsons, spearmans = [], []
+    for row in idx:
+        a, b = x[row], y[row]
+        if np.ptp(a) > 0 and np.ptp(b) > 0:
+            pearsons.append(np.corrcoef(a, b)[0, 1])
+            spearmans.append(np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1])
+    if len(pearsons) < report.BOOTSTRAP_DRAWS / 2:
+        return {"pearson": nan, "spearman": nan}
+    return {
+        "pearson": tuple(np.percentile(pearsons, [2.5, 97.5])),
+        "spearman": tuple(np.percentile(spearmans, [2.5, 97.5])),
+    }
+
+
 def test_correlations_equal_a_direct_computation(reference):
     _, out = reference
     rows = read_csv(out / "report" / "correlations.csv")
-    assert rows
+    # symkl and sce at each L, against ppl at the same L and at the longest L
+    assert sorted((r["task"], r["metric"], r["L"], r["versus"]) for r in rows) == sorted(
+        (MIS_TASK, metric, str(L), versus)
+        for metric in ("symkl", "sce")
+        for L in LENGTHS
+        for versus in ("ppl@L", f"ppl@{max(LENGTHS)}")
+    )
     for row in rows:
         L = int(row["L"])
         ppl_at = L if row["versus"] == "ppl@L" else int(row["versus"].split("@")[1])
@@ -158,7 +190,41 @@ def test_correlations_equal_a_direct_computation(reference):
         got_rho = float(row["spearman"]) if row["spearman"] else math.nan
         assert got_r == pytest.approx(expected_r, nan_ok=True, abs=1e-12)
         assert got_rho == pytest.approx(expected_rho, nan_ok=True, abs=1e-12)
-        assert row["pearson_lo"] == "nan" or not row["pearson_lo"] or math.isnan(float(row["pearson_lo"]))
+        # Two runs: no interval (resampling 2 points can only give +-1); every bound is written "nan".
+        assert [row[k] for k in ("pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi")] == ["nan"] * 4
+
+
+def test_correlation_csv_intervals_equal_numpy_resampling(reference, tmp_path):
+    """With 4 runs the CSV's interval bounds are numbers, equal to numpy's resampling of the values in
+    the results files: the sweep's two runs and two copies of the base run whose ppl and misalignment
+    values are rescaled by different factors, through load_runs, correlation_rows and correlations_csv."""
+    _, out = reference
+    files = {run: next((out / "runs" / run).glob("results_*.json")) for run in ("base", "yarn")}
+    for name, factors in (("c", {PPL_TASK: 1.1, MIS_TASK: 1.3}), ("d", {PPL_TASK: 0.95, MIS_TASK: 1.2})):
+        data = results_json(out, "base")
+        for task, factor in factors.items():
+            res = data["results"][task]
+            for key in [k for k in res if "@" in k and k.endswith(",none") and "_stderr" not in k]:
+                res[key] *= factor
+        files[name] = tmp_path / name / "results_2026-01-01T00-00-00.json"
+        files[name].parent.mkdir()
+        files[name].write_text(json.dumps(data), encoding="utf-8")
+    results = {name: json.loads(path.read_text(encoding="utf-8"))["results"] for name, path in files.items()}
+    runs = reporting.load_runs(list(files.values()), labels=list(files))
+    text = report.correlations_csv(report.correlation_rows(runs, MIS_TASK, PPL_TASK))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 2 * 2 * len(LENGTHS)
+    for row in rows:
+        L = int(row["L"])
+        ppl_at = L if row["versus"] == "ppl@L" else int(row["versus"].split("@")[1])
+        x = [results[name][MIS_TASK][f"{row['metric']}@{L},none"] for name in files]
+        y = [results[name][PPL_TASK][f"ppl@{ppl_at},none"] for name in files]
+        assert row["n"] == "4" and row["runs"] == "base yarn c d"
+        want = numpy_intervals(x, y)
+        for name in ("pearson", "spearman"):
+            lo, hi = float(row[f"{name}_lo"]), float(row[f"{name}_hi"])
+            assert all(map(math.isfinite, want[name])) and want[name][0] < want[name][1], (row, want)
+            assert (lo, hi) == pytest.approx(want[name], abs=1e-10), (name, row)
 
 
 def test_bootstrap_interval_equals_numpy_resampling():
@@ -169,15 +235,10 @@ def test_bootstrap_interval_equals_numpy_resampling():
     assert n == 6
     assert r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
     assert rho == pytest.approx(np.corrcoef(stats.rankdata(x), stats.rankdata(y))[0, 1], abs=1e-12)
-    idx = np.random.default_rng(report.BOOTSTRAP_SEED).integers(0, 6, size=(report.BOOTSTRAP_DRAWS, 6))
-    pearsons, spearmans = [], []
-    for row in idx:
-        a, b = x[row], y[row]
-        if np.ptp(a) > 0 and np.ptp(b) > 0:
-            pearsons.append(np.corrcoef(a, b)[0, 1])
-            spearmans.append(np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1])
-    assert ci["pearson"] == pytest.approx(tuple(np.percentile(pearsons, [2.5, 97.5])), abs=1e-10)
-    assert ci["spearman"] == pytest.approx(tuple(np.percentile(spearmans, [2.5, 97.5])), abs=1e-10)
+    want = numpy_intervals(x, y)
+    assert all(math.isfinite(v) for bounds in want.values() for v in bounds)
+    assert ci["pearson"] == pytest.approx(want["pearson"], abs=1e-10)
+    assert ci["spearman"] == pytest.approx(want["spearman"], abs=1e-10)
 
 
 def test_plots_and_report_files(reference):
