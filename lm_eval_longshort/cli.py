@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval_longshort import finetune, reporting
+from lm_eval_longshort import reporting
+from lm_eval_longshort.training import finetune
 
 PROG = "lm-eval-longshort"
 
