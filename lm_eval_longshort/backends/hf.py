@@ -225,24 +225,16 @@ class HFEngine(ScoringEngine):
                 bar.update(sum(lengths[i] for i in rows))
         bar.close()
 
-    @staticmethod
-    def _with_bos(tokens: np.ndarray, bos: int | None) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        return tokens if bos is None else np.concatenate([[bos], tokens]).astype(np.int64)
-
     # -- requests ---------------------------------------------------------------------
     def target_nll(self, windows: Sequence[TargetWindow], *, batch_tokens: int | None = None) -> list[np.ndarray]:
-        for w in windows:
-            self.check_lengths(w.n_inputs, w.label)
-        full = [self._with_bos(w.tokens, w.bos) for w in windows]
+        full = self.prepare(windows)
         out: list[np.ndarray | None] = [None] * len(windows)
-        inputs = [seq if w.feed_last else seq[:-1] for seq, w in zip(full, windows, strict=True)]
+        inputs = [w.fed(seq) for seq, w in zip(full, windows, strict=True)]
         for batch, forward in self._run(inputs, "longshort hf: perplexity", batch_tokens):
             for row, i in enumerate(batch):
                 w, seq = windows[i], torch.as_tensor(full[i], device=self.device)
-                offset = 1 if w.bos is not None else 0
                 # Target tokens[j] sits at input j + offset and is predicted by input j + offset - 1.
-                targets = torch.arange(w.score_from + offset, len(seq), device=self.device)
+                targets = torch.arange(w.first_target, len(seq), device=self.device)
                 nll = [
                     -logp.gather(1, seq[targets[part], None])[:, 0]
                     for part, logp in forward.logprobs(row, targets - 1, w.label)
@@ -251,9 +243,7 @@ class HFEngine(ScoringEngine):
         return out  # type: ignore[return-value]
 
     def last_logprobs(self, prompts: Sequence[Prompt], *, batch_tokens: int | None = None) -> torch.Tensor:
-        for p in prompts:
-            self.check_lengths(p.n_inputs, p.label)
-        sequences = [self._with_bos(p.tokens, p.bos) for p in prompts]
+        sequences = self.prepare(prompts)
         out = [None] * len(prompts)
         for batch, forward in self._run(sequences, "longshort hf: misalignment", batch_tokens):
             ends = torch.tensor([len(sequences[i]) - 1 for i in batch], device=self.device)
@@ -270,18 +260,13 @@ class HFEngine(ScoringEngine):
         Pairs are batched across documents (a pair's long and short window share a batch);
         divergences are computed ``chunk_positions`` compared positions at a time.
         """
-        for p in pairs:
-            self.check_lengths(p.n_inputs, p.label)
-        sequences = [
-            seq for p in pairs for seq in (self._with_bos(p.long_tokens, p.bos), self._with_bos(p.short_tokens, p.bos))
-        ]
+        sequences = self.prepare(pairs)  # [long_0, short_0, long_1, ...]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
         for batch, forward in self._run(sequences, "longshort hf: dense misalignment", batch_tokens, rows_per_item=2):
             for item, i in enumerate(batch):
                 p = pairs[i]
-                offset = 1 if p.bos is not None else 0
-                long_pos = torch.as_tensor(p.long_positions, device=self.device) + offset
-                short_pos = torch.as_tensor(p.short_positions, device=self.device) + offset
+                long_pos = torch.as_tensor(p.long_positions, device=self.device) + p.offset
+                short_pos = torch.as_tensor(p.short_positions, device=self.device) + p.offset
                 # Both streams cut the compared positions into the same chunks: they stay aligned.
                 parts = [
                     all_divergences(logp, logq)

@@ -27,8 +27,35 @@ class LengthLimitError(ValueError):
     """A request is longer than the backend was started for."""
 
 
+def with_bos(tokens, bos: int | None):
+    """``tokens`` [..., n] with ``bos`` in front along the last axis: [..., n + 1] (unchanged
+    when ``bos`` is None). numpy in, int64 numpy out; a torch tensor stays on its device."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens if bos is None else torch.cat([tokens.new_full((*tokens.shape[:-1], 1), bos), tokens], dim=-1)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if bos is None:
+        return tokens
+    return np.concatenate([np.full((*tokens.shape[:-1], 1), bos, dtype=np.int64), tokens], axis=-1)
+
+
+class _Request:
+    """What every request shares: document ids and the BOS id (or None) the backend puts first."""
+
+    bos: int | None
+    label: str  # where the request comes from, for error messages
+
+    @property
+    def offset(self) -> int:
+        """Where document token 0 sits in the model's input: 1 after a BOS, else 0."""
+        return 0 if self.bos is None else 1
+
+    def sequences(self) -> list[np.ndarray]:
+        """The token sequences of this request, BOS first (``ScoringEngine.prepare``)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class TargetWindow:
+class TargetWindow(_Request):
     """Score ``tokens[score_from:]``, each token given every earlier token of the window.
 
     The model is fed ``tokens[:-1]`` (the last token is only a target) unless ``feed_last``:
@@ -50,11 +77,25 @@ class TargetWindow:
     @property
     def n_inputs(self) -> int:
         """Tokens fed to the model (BOS included)."""
-        return len(self.tokens) - (0 if self.feed_last else 1) + (self.bos is not None)
+        return len(self.tokens) - (0 if self.feed_last else 1) + self.offset
+
+    @property
+    def first_target(self) -> int:
+        """Index of the first scored token in the sequence with the BOS (predicted by the one before it)."""
+        return self.score_from + self.offset
+
+    def sequences(self) -> list[np.ndarray]:
+        """[the window with the BOS]: the targets are read from it, ``fed`` is what the model reads."""
+        return [with_bos(self.tokens, self.bos)]
+
+    def fed(self, sequence: np.ndarray) -> np.ndarray:
+        """The model's input from ``sequence`` (this window with the BOS): without the last token,
+        which is only a target, unless ``feed_last``."""
+        return sequence if self.feed_last else sequence[:-1]
 
 
 @dataclass(frozen=True)
-class Prompt:
+class Prompt(_Request):
     """Ask for the full next-token distribution after the last token."""
 
     tokens: np.ndarray  # [n] int64
@@ -63,11 +104,14 @@ class Prompt:
 
     @property
     def n_inputs(self) -> int:
-        return len(self.tokens) + (self.bos is not None)
+        return len(self.tokens) + self.offset
+
+    def sequences(self) -> list[np.ndarray]:
+        return [with_bos(self.tokens, self.bos)]
 
 
 @dataclass(frozen=True)
-class AlignedWindows:
+class AlignedWindows(_Request):
     """Two windows whose positions are compared one to one (misalignment ``dense`` mode).
 
     Position ``long_positions[i]`` of ``long_tokens`` and ``short_positions[i]`` of
@@ -83,7 +127,14 @@ class AlignedWindows:
 
     @property
     def n_inputs(self) -> int:
-        return max(len(self.long_tokens), len(self.short_tokens)) + (self.bos is not None)
+        return max(len(self.long_tokens), len(self.short_tokens)) + self.offset
+
+    def sequences(self) -> list[np.ndarray]:
+        """[long window, short window], each with the BOS."""
+        return [with_bos(self.long_tokens, self.bos), with_bos(self.short_tokens, self.bos)]
+
+
+Request = TargetWindow | Prompt | AlignedWindows
 
 
 class ScoringEngine(abc.ABC):
@@ -143,6 +194,16 @@ class ScoringEngine(abc.ABC):
     def approximate_dense(self) -> bool:
         """True when ``aligned_divergences`` is an approximation (reported as the ``approximate`` metric)."""
         return False
+
+    def prepare(self, requests: Sequence[Request]) -> list[np.ndarray]:
+        """Every request's token sequences with the BOS first, in order (an ``AlignedWindows``
+        gives two: long, short), after checking that each request fits ``max_length``.
+
+        The one place a backend applies the BOS and checks lengths: every request method starts here.
+        """
+        for request in requests:
+            self.check_lengths(request.n_inputs, request.label)
+        return [sequence for request in requests for sequence in request.sequences()]
 
     def check_lengths(self, n_inputs: int, what: str) -> None:
         if n_inputs > self.max_length:
