@@ -1,5 +1,7 @@
 """Long-Short Misalignment pairings: documents (token ids) -> long/short inputs to compare.
 
+Two modes, each an object (``Last``, ``Dense``; ``MODES`` by name) built on the pure functions below.
+
 All randomness comes from ``numpy.random.default_rng([seed, doc_index, L])`` so a run
 is reproducible and every logged pair can be recomputed (docs/metrics.md):
 - ``last``: ``rng.choice(np.arange(ceil(min_ratio·L), L), size=pairs, replace=False)``
@@ -10,9 +12,14 @@ is reproducible and every logged pair can be recomputed (docs/metrics.md):
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
-from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt
+import numpy as np
+import torch
+
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
+from lm_eval_longshort.protocols.base import Document, DocumentRequests, Protocol, bos_tokens
+from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, ScoringEngine
 from lm_eval_longshort.protocols.settings import MisalignSettings
 
 
@@ -37,13 +44,12 @@ def dense_gap(s: MisalignSettings, doc_index: int, length: int) -> int:
 
 
 def needed_tokens(s: MisalignSettings, doc_index: int) -> int:
-    if s.mode == "last":
-        return s.longest
-    return max(length + dense_gap(s, doc_index, length) for length in s.lengths)
+    """Document tokens the mode needs for document ``doc_index`` (dense: its drawn gaps)."""
+    return MODES[s.mode](s).needed_tokens(doc_index)
 
 
 def longest_input(s: MisalignSettings, bos: int | None) -> int:
-    return s.longest + (1 if bos is not None else 0)
+    return MODES[s.mode](s).longest_input(bos)
 
 
 # last: every input ends at E = C, so all lengths predict the same next token ids[C].
@@ -98,3 +104,72 @@ def dense_pairs(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label
             }
         )
     return pairs, layout
+
+
+class MisalignProtocol(Protocol):
+    """What both modes share: no input is longer than max(lengths) tokens plus a BOS."""
+
+    settings: MisalignSettings
+
+    def longest_input(self, bos: int | None) -> int:
+        return self.settings.longest + bos_tokens(bos)
+
+
+class Last(MisalignProtocol):
+    """Suffix pairs ending at E = C: full next-token distributions after each prompt, compared per pair."""
+
+    name = "last"
+
+    def needed_tokens(self, doc_index: int) -> int:
+        return self.settings.longest
+
+    def input_tokens(self, n_doc: int, bos: int | None) -> int:
+        s = self.settings
+        return sum((length + bos_tokens(bos)) * (1 + s.pairs) for length in s.lengths)
+
+    def requests(self, doc: Document, ids: np.ndarray, bos: int | None, engine: ScoringEngine) -> DocumentRequests:
+        prompts, records, rows = last_prompts(ids, self.settings, doc.doc_index, bos, doc.label)
+        return DocumentRequests(doc, ids, bos, prompts, layout=(records, rows))
+
+    def ask(self, engine: ScoringEngine, requests: list[Prompt]) -> torch.Tensor:
+        return engine.last_logprobs(requests, batch_tokens=self.settings.batch_tokens)  # [n_prompts, V]
+
+    def summarize(self, asked: DocumentRequests, answers: torch.Tensor, engine: ScoringEngine) -> dict:
+        records, rows = asked.layout  # rows: (long, short) prompt indices of each pair
+        long_rows, short_rows = (torch.tensor(r) for r in zip(*rows, strict=True))
+        values = all_divergences(answers[long_rows], answers[short_rows])
+        for i, record in enumerate(records):
+            record.update({name: float(values[name][i]) for name in METRIC_NAMES})
+        return {"pairs": records, "mode": self.name}
+
+
+class Dense(MisalignProtocol):
+    """Two overlapping windows A = ids[0:L], B = ids[e:e+L], compared position by position."""
+
+    name = "dense"
+
+    def needed_tokens(self, doc_index: int) -> int:
+        return max(length + dense_gap(self.settings, doc_index, length) for length in self.settings.lengths)
+
+    def input_tokens(self, n_doc: int, bos: int | None) -> int:
+        return sum(2 * (length + bos_tokens(bos)) for length in self.settings.lengths)
+
+    def requests(self, doc: Document, ids: np.ndarray, bos: int | None, engine: ScoringEngine) -> DocumentRequests:
+        pairs, layout = dense_pairs(ids, self.settings, doc.doc_index, bos, doc.label)
+        return DocumentRequests(doc, ids, bos, pairs, layout=layout)
+
+    def ask(self, engine: ScoringEngine, requests: list[AlignedWindows]) -> list[dict[str, np.ndarray]]:
+        s = self.settings
+        return engine.aligned_divergences(requests, topk=s.topk, batch_tokens=s.batch_tokens)
+
+    def summarize(
+        self, asked: DocumentRequests, answers: Sequence[dict[str, np.ndarray]], engine: ScoringEngine
+    ) -> dict:
+        for group, per_position in zip(asked.layout, answers, strict=True):
+            # Every per-position array: the metrics, plus error bounds from approximate backends
+            # (tv_err_bound -> tv_err_bound_sum).
+            group.update({f"{name}_sum": float(np.sum(array)) for name, array in per_position.items()})
+        return {"groups": asked.layout, "mode": self.name, "approximate": engine.approximate_dense}
+
+
+MODES: dict[str, type[MisalignProtocol]] = {"last": Last, "dense": Dense}

@@ -1,37 +1,41 @@
 """Long-context perplexity protocols: documents (token ids) -> target windows -> per-length sums.
 
-Each protocol is a pair of pure functions over one document:
-``windows(ids, s, bos, label)`` lists what to score, and ``summarize(ids, nlls, s, bos, decode)``
-reduces the backend's per-token NLLs to one record per context length L:
-``{"L", "nll_sum", "n_targets", "n_bytes"}`` (docs/metrics.md, "Long-context perplexity").
+Each protocol is an object (``Ladder``, ``Truncate``, ``Sliding``; ``PROTOCOLS`` by name) built
+on a pair of pure functions over one document: ``*_windows(ids, s, bos, label)`` lists what
+to score, and ``*_summarize(ids, nlls, s, bos, decode)`` reduces the backend's per-token NLLs
+to one record per context length L: ``{"L", "nll_sum", "n_targets", "n_bytes"}``
+(docs/metrics.md, "Long-context perplexity").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+import logging
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lm_eval_longshort.protocols.requests import TargetWindow
+from lm_eval_longshort.protocols.base import Document, DocumentRequests, Protocol, bos_tokens
+from lm_eval_longshort.protocols.requests import LengthLimitError, ScoringEngine, TargetWindow
 from lm_eval_longshort.protocols.settings import PerplexitySettings
+
+log = logging.getLogger(__name__)
 
 Decode = Callable[[np.ndarray], str]
 
 
 def needed_tokens(s: PerplexitySettings) -> int:
     """Document tokens a protocol needs; shorter documents are skipped for the whole task."""
-    if s.protocol == "ladder":
-        return s.longest + s.target_tokens
-    return s.longest  # truncate and sliding read ids[0:C] at least
+    return PROTOCOLS[s.protocol](s).needed_tokens(doc_index=0)  # the same for every document
 
 
 def longest_input(s: PerplexitySettings, bos: int | None) -> int:
     """Longest sequence (BOS included) the backend must accept."""
-    extra = 1 if bos is not None else 0
-    if s.protocol == "ladder":
-        # The window ids[C-L : C+W] is fed without its last token (a target, never a context).
-        return s.longest + s.target_tokens - 1 + extra
-    return s.longest + extra
+    return PROTOCOLS[s.protocol](s).longest_input(bos)
+
+
+def _decoder(tokenizer) -> Decode:
+    return lambda span: tokenizer.decode(span.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def _n_bytes(decode: Decode, span: np.ndarray) -> int:
@@ -105,7 +109,7 @@ def sliding_spans(n_doc: int, length: int, stride: int, bos: int | None) -> list
 
 def check_sliding(s: PerplexitySettings, bos: int | None) -> None:
     """Without a BOS a window's first token has no context: a stride of L would leave it unscored."""
-    if s.protocol != "sliding" or bos is not None:
+    if bos is not None:
         return
     for length in s.lengths:
         if s.stride_for(length) >= length:
@@ -146,3 +150,111 @@ def sliding_summarize(ids, nlls, s: PerplexitySettings, bos, decode: Decode) -> 
         cursor += count
         records.append(_record(length, nll, span_bytes))
     return {"records": records}
+
+
+class PerplexityProtocol(Protocol):
+    """What the three protocols share: target windows in, per-length NLL sums out."""
+
+    settings: PerplexitySettings
+
+    def needed_tokens(self, doc_index: int) -> int:
+        return self.settings.longest  # truncate and sliding read ids[0:C] at least
+
+    def longest_input(self, bos: int | None) -> int:
+        return self.settings.longest + bos_tokens(bos)
+
+    def ask(self, engine: ScoringEngine, requests: list[TargetWindow]) -> list[np.ndarray]:
+        return engine.target_nll(requests, batch_tokens=self.settings.batch_tokens)
+
+    def summarize(self, asked: DocumentRequests, answers: Sequence[np.ndarray], engine: ScoringEngine) -> dict:
+        summary = self.records(asked.ids, answers, asked.bos, _decoder(engine.tokenizer))
+        for record in summary["records"]:
+            record["doc_index"] = asked.doc.doc_index
+        summary["protocol"] = self.name
+        return summary
+
+    @abc.abstractmethod
+    def records(self, ids: np.ndarray, nlls: Sequence[np.ndarray], bos: int | None, decode: Decode) -> dict:
+        """``{"records": [one per L], ...}`` from the NLLs of the document's windows."""
+
+
+class Ladder(PerplexityProtocol):
+    name = "ladder"
+
+    def needed_tokens(self, doc_index: int) -> int:
+        return self.settings.longest + self.settings.target_tokens
+
+    def longest_input(self, bos: int | None) -> int:
+        # The window ids[C-L : C+W] is fed without its last token (a target, never a context).
+        return self.settings.longest + self.settings.target_tokens - 1 + bos_tokens(bos)
+
+    def input_tokens(self, n_doc: int, bos: int | None) -> int:
+        s = self.settings
+        return sum(length + s.target_tokens - 1 + bos_tokens(bos) for length in s.lengths)
+
+    def check(self, engine: ScoringEngine, bos: int | None, task: str) -> None:
+        s, need, extra = self.settings, self.longest_input(bos), bos_tokens(bos)
+        if need > engine.max_length >= s.longest + extra:
+            # max(lengths) fits, the targets after it do not: name the setting to change.
+            raise LengthLimitError(
+                f"task {task}: the ladder reads max(lengths) + target_tokens - 1 = {s.longest} + "
+                f"{s.target_tokens} - 1 = {need - extra} tokens"
+                f"{' plus a BOS' if extra else ''}, but the {engine.name} backend takes at most "
+                f"{engine.max_length}; lower target_tokens (at most "
+                f"{engine.max_length - s.longest - extra + 1}) or max(lengths), "
+                f"or {engine.length_hint} (at least {need})"
+            )
+        super().check(engine, bos, task)
+
+    def requests(self, doc: Document, ids: np.ndarray, bos: int | None, engine: ScoringEngine) -> DocumentRequests:
+        return DocumentRequests(doc, ids, bos, ladder_windows(ids, self.settings, bos, doc.label))
+
+    def records(self, ids: np.ndarray, nlls: Sequence[np.ndarray], bos: int | None, decode: Decode) -> dict:
+        return ladder_summarize(ids, nlls, self.settings, bos, decode)
+
+
+class Truncate(PerplexityProtocol):
+    name = "truncate"
+
+    def input_tokens(self, n_doc: int, bos: int | None) -> int:
+        return self.settings.longest + bos_tokens(bos)
+
+    def single_pass(self, engine: ScoringEngine) -> bool:
+        """One pass for every length: as set, else unless positions depend on the sequence length."""
+        single = self.settings.single_pass
+        return single if single is not None else not engine.position_dependent
+
+    def check(self, engine: ScoringEngine, bos: int | None, task: str) -> None:
+        if self.single_pass(engine) and engine.position_dependent:
+            log.warning(
+                "single_pass=true on a model whose positions depend on sequence length: "
+                "numbers for L < max(lengths) differ from per-length passes"
+            )
+        super().check(engine, bos, task)
+
+    def requests(self, doc: Document, ids: np.ndarray, bos: int | None, engine: ScoringEngine) -> DocumentRequests:
+        windows = truncate_windows(ids, self.settings, bos, doc.label, self.single_pass(engine))
+        return DocumentRequests(doc, ids, bos, windows)
+
+    def records(self, ids: np.ndarray, nlls: Sequence[np.ndarray], bos: int | None, decode: Decode) -> dict:
+        return truncate_summarize(ids, nlls, self.settings, bos, decode)
+
+
+class Sliding(PerplexityProtocol):
+    name = "sliding"
+
+    def input_tokens(self, n_doc: int, bos: int | None) -> int:
+        return len(self.settings.lengths) * (min(n_doc, self.settings.doc_tokens_cap()) + bos_tokens(bos))
+
+    def check(self, engine: ScoringEngine, bos: int | None, task: str) -> None:
+        check_sliding(self.settings, bos)
+        super().check(engine, bos, task)
+
+    def requests(self, doc: Document, ids: np.ndarray, bos: int | None, engine: ScoringEngine) -> DocumentRequests:
+        return DocumentRequests(doc, ids, bos, sliding_windows(ids, self.settings, bos, doc.label))
+
+    def records(self, ids: np.ndarray, nlls: Sequence[np.ndarray], bos: int | None, decode: Decode) -> dict:
+        return sliding_summarize(ids, nlls, self.settings, bos, decode)
+
+
+PROTOCOLS: dict[str, type[PerplexityProtocol]] = {"ladder": Ladder, "truncate": Truncate, "sliding": Sliding}

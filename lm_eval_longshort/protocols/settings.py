@@ -56,6 +56,11 @@ class PerplexitySettings:
         _normalize(self)
 
     @property
+    def variant(self) -> str:
+        """The protocol: which way of scoring within the family (the protocol registry's key)."""
+        return self.protocol
+
+    @property
     def longest(self) -> int:
         """C = max(lengths)."""
         return max(self.lengths)
@@ -92,6 +97,11 @@ class MisalignSettings:
 
     def __post_init__(self) -> None:
         _normalize(self)
+
+    @property
+    def variant(self) -> str:
+        """The mode: which pairing within the family (the protocol registry's key)."""
+        return self.mode
 
     @property
     def longest(self) -> int:
@@ -295,7 +305,7 @@ def measured_settings(settings: PerplexitySettings | MisalignSettings) -> dict:
     the batch budget (which changes speed, not numbers). Two results are comparable only when
     these are equal (plus the same documents)."""
     values = dataclasses.asdict(settings)
-    variant = settings.protocol if settings.kind == "ppl" else settings.mode
+    variant = settings.variant
     values = {k: v for k, v in values.items() if k != "batch_tokens" and _ONLY_FOR.get(k, variant) == variant}
     values["lengths"] = list(values["lengths"])
     return {"kind": settings.kind, **values}
