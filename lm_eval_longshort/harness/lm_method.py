@@ -43,9 +43,9 @@ def engine_for(lm) -> ScoringEngine:
 
         engine = HFEngine.from_hflm(lm)
     elif kind == "VLLM":
-        from lm_eval_longshort.backends.vllm import VLLMEngine  # imports vllm: only here
+        from lm_eval_longshort.backends.vllm import from_lm_eval  # imports vllm: only here
 
-        engine = VLLMEngine.from_lm_eval(lm)
+        engine = from_lm_eval(lm)
     else:
         raise TypeError(
             f"longshort tasks need full-vocabulary log-probabilities, which the {kind!r} backend "
