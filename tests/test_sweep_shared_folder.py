@@ -1,11 +1,12 @@
-"""Nothing foreign in a sweep folder: claims, plans recorded in results, corrupt caches.
+"""One sweep folder, many workers, nothing foreign: claims, recorded plans, local workers, take-over.
 
 * Claims (sweep/claims.py) between real processes: one holder at a time, a dead holder's
   claim taken over, a live one respected, a stale heartbeat on "another host" taken over.
 * Two sweeps with different lengths on one folder: the second is refused naming the key; a
   finished run's results copied into a new folder and reported with another plan: refused.
-* Two identical sweeps started at the same moment on one folder: each run computed once,
-  one results file per run, and the report equals a single sweep's.
+* Two identical sweeps started at the same moment, and `--workers 2`: each run computed once,
+  one results file per run, and the report equals a single worker's.
+* A worker killed with SIGKILL mid-run: the other takes its run over; same numbers.
 * A corrupt run cache: the run's failed.json says so in one line naming the file.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,56 +23,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from offline import offline_env
+from sweep_files import ENV, ROOT, results_files, run_sweep_cli, sweep_command, sweep_file
 
 from lm_eval_longshort.sweep import claims
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = offline_env()
-
-
-def sweep_file(folder: Path, lengths=(32, 64), runs=("base", "yarn")) -> Path:
-    """Two tiny runs (the embedded model and a YaRN variant), one play, perplexity only."""
-    all_runs = {
-        "base": {"name": "base"},
-        "yarn": {"name": "yarn", "rope": {"type": "yarn", "factor": 2, "original_max_position_embeddings": 32}},
-    }
-    data = {
-        "name": "plans",
-        "base": "embedded",
-        "device": "cpu",
-        "model_args": {"dtype": "float32", "max_length": 128},
-        "tasks": ["longshort_ppl_shakespeare"],
-        "metadata": {"lengths": list(lengths), "target_tokens": 16},
-        "samples": [0],
-        "bootstrap_iters": 10,
-        "runs": [all_runs[r] for r in runs],
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lm_eval_longshort.cli", "sweep", *args]
-
-
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(_cli(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def _results(out: Path, run: str) -> list[Path]:
-    return sorted((out / "runs" / run).glob("results_*.json"))
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, assets) -> tuple[Path, Path]:
-    """(sweep file, output folder) of one finished two-run sweep."""
+    """(sweep file, output folder) of one finished three-run sweep."""
     folder = tmp_path_factory.mktemp("finished")
     path = sweep_file(folder)
-    proc = _run(str(path), "--output", str(folder / "out"))
+    proc = run_sweep_cli(str(path), "--output", str(folder / "out"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return path, folder / "out"
 
@@ -128,8 +91,10 @@ def test_the_holder_keeps_its_claim_fresh(tmp_path):
     claim = claims.try_claim(path, stale_after=0.4)
     old = time.time() - 100
     os.utime(path, (old, old))
-    time.sleep(0.5)  # the heartbeat (every 0.1 s) touched it again
-    assert time.time() - path.stat().st_mtime < 1
+    deadline = time.monotonic() + 30  # the heartbeat (every 0.1 s) touches it again; generous under load
+    while path.stat().st_mtime < old + 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_mtime > old + 50 and claims.is_stale(path, stale_after=60) is False
     claim.release()
 
 
@@ -154,14 +119,14 @@ def test_only_one_of_many_simultaneous_claimers_wins(tmp_path):
 
 def test_another_plan_on_the_same_folder_is_refused_naming_the_key(finished, tmp_path):
     _, out = finished
-    before = {run: _results(out, run) for run in ("base", "yarn")}
+    before = {run: results_files(out, run) for run in ("base", "yarn", "linear")}
     other = sweep_file(tmp_path / "other", lengths=(32, 96))
-    proc = _run(str(other), "--output", str(out))
+    proc = run_sweep_cli(str(other), "--output", str(out))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "metadata.lengths" in proc.stderr and "runs/base" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert {run: _results(out, run) for run in ("base", "yarn")} == before  # nothing recomputed
-    report_only = _run(str(other), "--output", str(out), "--report-only")
+    assert {run: results_files(out, run) for run in ("base", "yarn", "linear")} == before  # nothing recomputed
+    report_only = run_sweep_cli(str(other), "--output", str(out), "--report-only")
     assert report_only.returncode == 2 and "metadata.lengths" in report_only.stderr
 
 
@@ -170,10 +135,10 @@ def test_results_copied_elsewhere_are_not_reported_under_another_plan(finished, 
     copy = tmp_path / "copy"
     shutil.copytree(out / "runs", copy / "runs")
     other = sweep_file(tmp_path / "other", lengths=(32, 96))
-    proc = _run(str(other), "--output", str(copy), "--report-only")
+    proc = run_sweep_cli(str(other), "--output", str(copy), "--report-only")
     assert proc.returncode == 2 and "metadata.lengths" in proc.stderr, proc.stderr[-2000:]
     assert not (copy / "report").exists()
-    same = _run(str(path), "--output", str(copy), "--report-only")  # the plan that computed them
+    same = run_sweep_cli(str(path), "--output", str(copy), "--report-only")  # the plan that computed them
     assert same.returncode == 0, same.stderr[-2000:]
     assert (copy / "report" / "values.csv").read_text() == (out / "report" / "values.csv").read_text()
 
@@ -182,11 +147,11 @@ def test_a_results_file_without_a_plan_is_foreign(finished, tmp_path):
     path, out = finished
     copy = tmp_path / "copy"
     shutil.copytree(out / "runs", copy / "runs")
-    (result,) = _results(copy, "base")
+    (result,) = results_files(copy, "base")
     data = json.loads(result.read_text())
     del data["longshort_sweep"]
     result.write_text(json.dumps(data))
-    proc = _run(str(path), "--output", str(copy), "--report-only")
+    proc = run_sweep_cli(str(path), "--output", str(copy), "--report-only")
     assert proc.returncode == 2 and "records no sweep plan" in proc.stderr
 
 
@@ -195,7 +160,7 @@ def test_two_identical_sweeps_started_together_compute_each_run_once(finished, t
     out = tmp_path / "out"
     procs = [
         subprocess.Popen(
-            _cli(str(path), "--output", str(out)),
+            sweep_command(str(path), "--output", str(out)),
             cwd=ROOT,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -207,9 +172,9 @@ def test_two_identical_sweeps_started_together_compute_each_run_once(finished, t
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     both = "\n".join(logs)
-    for i, run in enumerate(("base", "yarn"), 1):
-        assert both.count(f"run {i}/2 {run}: starting") == 1, both
-        assert len(_results(out, run)) == 1
+    for i, run in enumerate(("base", "yarn", "linear"), 1):
+        assert both.count(f"run {i}/3 {run}: starting") == 1, both
+        assert len(results_files(out, run)) == 1
     assert both.count("[sweep] report:") >= 1
     assert (out / "report" / "values.csv").read_text() == (reference / "report" / "values.csv").read_text()
     assert not list((out / "claims").glob("*.claim"))  # every claim released
@@ -221,8 +186,75 @@ def test_corrupt_run_cache_fails_the_run_with_one_line_naming_it(assets, tmp_pat
     cache = out / "cache" / "base_rank0.db"
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"SQLite format 3\x00" + b"\x07" * 5000)  # a header, then garbage
-    proc = _run(str(path), "--output", str(out))
+    proc = run_sweep_cli(str(path), "--output", str(out))
     assert proc.returncode == 1
     error = json.loads((out / "runs" / "base" / "failed.json").read_text())["error"]
     assert "\n" not in error and str(cache) in error and "delete it" in error
     assert "FAILED after" in proc.stdout and str(cache) in proc.stdout
+
+
+# --------------------------------------------------------------------------- several workers
+
+
+def test_two_local_workers_give_the_one_worker_report(finished, tmp_path):
+    path, reference = finished
+    out = tmp_path / "out"
+    proc = run_sweep_cli(str(path), "--output", str(out), "--workers", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "[worker 0]" in proc.stdout and "[worker 1]" in proc.stdout
+    for i, run in enumerate(("base", "yarn", "linear"), 1):
+        assert proc.stdout.count(f"run {i}/3 {run}: starting") == 1, proc.stdout
+        assert len(results_files(out, run)) == 1
+    for name in ("values.csv", "correlations.csv"):
+        assert (out / "report" / name).read_text() == (reference / "report" / name).read_text()
+
+
+def test_a_killed_workers_run_is_taken_over_with_the_same_numbers(finished, tmp_path):
+    path, reference = finished
+    out = tmp_path / "out"
+    procs = {}
+    for _ in range(2):
+        proc = subprocess.Popen(
+            sweep_command(str(path), "--output", str(out)),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        procs[proc.pid] = proc
+    deadline = time.monotonic() + 600
+    victim = None
+    while victim is None:  # the first claim either worker takes: kill its holder mid-run
+        assert time.monotonic() < deadline, "no worker claimed a run"
+        for claim in (out / "claims").glob("*.claim") if (out / "claims").is_dir() else []:
+            info = claims.holder(claim) or {}
+            if info.get("pid") in procs and claim.stem != "report":
+                victim, run = procs[info["pid"]], claim.stem
+                break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    (survivor,) = [p for p in procs.values() if p is not victim]
+    log = survivor.communicate(timeout=900)[0]
+    assert survivor.returncode == 0, log[-3000:]
+    assert f"{run}: starting" in log  # the survivor computed the killed worker's run
+    for name in ("base", "yarn", "linear"):
+        assert len(results_files(out, name)) == 1
+    for name in ("values.csv", "correlations.csv"):
+        assert (out / "report" / name).read_text() == (reference / "report" / name).read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "0"], "--workers 0: give at least 1 worker"),
+        (["--workers", "2", "--gpus", "7"], "--gpus names device(s) 7, but this machine has 0 CUDA device(s)"),
+        (["--gpus", "0,x"], "--gpus '0,x': give distinct device numbers"),
+    ],
+)
+def test_bad_worker_options_are_one_line_errors(args, message, assets, tmp_path):
+    path = sweep_file(tmp_path)
+    proc = run_sweep_cli(str(path), "--output", str(tmp_path / "out"), *args, timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -34,6 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the report from the runs already finished; run nothing"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N worker processes on this folder; they split the runs (more workers, here or on other "
+        "hosts, may join by running the same command without --workers)",
+    )
+    parser.add_argument(
+        "--gpus",
+        default=None,
+        metavar="0,1,...",
+        help="CUDA devices to split between the workers (each gets its share as CUDA_VISIBLE_DEVICES)",
+    )
 
 
 def _print_plan(sweep: Sweep) -> None:
@@ -47,22 +61,47 @@ def _print_plan(sweep: Sweep) -> None:
         print(f"  run {run.name}: {run.backend} {run.model_args}{variant}")
 
 
+def _worker_devices(args: argparse.Namespace) -> list[list[str]] | None:
+    """Each local worker's devices (None: no --workers/--gpus, run in this process); checked first."""
+    if args.workers is None and args.gpus is None:
+        return None
+    from lm_eval_longshort.sweep import workers
+
+    gpus = workers.parse_gpus(args.gpus)
+    count = 1 if args.workers is None else args.workers
+    return workers.device_groups(count, gpus, workers.visible_gpus() if gpus else 0)
+
+
+def _start_workers(args: argparse.Namespace, sweep: Sweep, groups: list[list[str]]) -> int:
+    """Check the folder, then run the plain sweep command once per worker."""
+    from lm_eval_longshort.sweep import folder, workers
+
+    gpus = any(groups)
+    folder.check_output(sweep, folder.Layout(sweep.output))
+    command = [sys.executable, "-m", "lm_eval_longshort.cli", "sweep", str(args.sweep), "--output", str(sweep.output)]
+    print(f"[sweep] {len(groups)} workers on {sweep.output}" + (f", devices {groups}" if gpus else ""), flush=True)
+    return workers.start_workers(command + (["--quick"] if args.quick else []), groups)
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, then run (or only check / only report); 0 when every run finished, 1 if one failed,
     2 for a sweep that cannot run as written."""
-    from lm_eval_longshort.sweep import execute
+    from lm_eval_longshort.sweep import execute, folder
 
     try:
+        groups = _worker_devices(args)
         sweep = load_sweep(args.sweep, quick=args.quick, output=args.output)
         if args.check:
             _print_plan(sweep)
             return 0
         if args.report_only:
-            layout = execute.Layout(sweep.output)
-            execute.check_output(sweep, layout)
+            layout = folder.Layout(sweep.output)
+            folder.check_output(sweep, layout)
             path = execute.write_sweep_report(sweep, layout)
             print(f"report: {path}" if path else "no finished run: nothing to report")
             return 0 if path else 1
+        if groups is not None:
+            return _start_workers(args, sweep, groups)
         outcome = execute.run_sweep(sweep)
     except SweepError as exc:
         print(f"lm-eval-longshort sweep: error: {exc}", file=sys.stderr)

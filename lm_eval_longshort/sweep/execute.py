@@ -23,7 +23,6 @@ the worker that leaves nothing unfinished writes the report.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -37,47 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_eval_longshort.sweep import claims, report
-from lm_eval_longshort.sweep.spec import RunSpec, Sweep, SweepError, plan_json
+from lm_eval_longshort.sweep.folder import RESULTS_GLOB, Layout, check_output, foreign_work, plan_digest
+from lm_eval_longshort.sweep.spec import RunSpec, Sweep
 
-RESULTS_GLOB = "results_*.json"
 HEARTBEAT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a sweep keeps each thing (see the module docstring)."""
-
-    root: Path
-
-    def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / name
-
-    def partial_dir(self, name: str) -> Path:
-        return self.root / ".partial" / name
-
-    def model_dir(self, name: str) -> Path:
-        return self.root / "models" / name
-
-    def claim(self, name: str) -> Path:
-        return self.root / "claims" / f"{name}.claim"
-
-    def cache(self, name: str) -> Path:
-        return self.root / "cache" / name  # lm-eval appends "_rank0.db"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    def results(self, name: str) -> Path | None:
-        """The finished run's results JSON (the newest), or None."""
-        found = sorted(self.run_dir(name).glob(RESULTS_GLOB))
-        return found[-1] if found else None
-
-    def failure(self, name: str) -> str | None:
-        path = self.run_dir(name) / "failed.json"
-        if not path.is_file():
-            return None
-        return str(json.loads(path.read_text(encoding="utf-8")).get("error", "?"))
+POLL_S = float(os.environ.get("LONGSHORT_SWEEP_POLL_S", "10"))  # how often a waiting worker looks again
 
 
 def _duration(seconds: float) -> str:
@@ -126,79 +89,6 @@ class Progress:
         finally:
             stop.set()
             thread.join(timeout=1)
-
-
-# --------------------------------------------------------------------------- checks before work
-
-
-def plan_differences(recorded: object, current: dict, prefix: str = "") -> list[str]:
-    """The dotted keys where a recorded plan differs from the current one.
-
-    >>> plan_differences({"a": 1, "b": {"c": [1]}}, {"a": 1, "b": {"c": [2]}, "d": 0})
-    ['b.c', 'd']
-    """
-    if not isinstance(recorded, dict):
-        return [prefix or "plan"] if plan_json(recorded) != plan_json(current) else []
-    keys = sorted(set(recorded) | set(current))
-    out = []
-    for key in keys:
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in recorded or key not in current:
-            out.append(where)
-        elif isinstance(current[key], dict) and isinstance(recorded[key], dict):
-            out.extend(plan_differences(recorded[key], current[key], where))
-        elif plan_json(recorded[key]) != plan_json(current[key]):
-            out.append(where)
-    return out
-
-
-def recorded_plan(results_file: Path) -> dict | None:
-    """The plan a sweep embedded in a finished run's results JSON (None: not written by a sweep)."""
-    try:
-        data = json.loads(results_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SweepError(f"{results_file}: unreadable results file ({exc}); delete it to recompute the run") from None
-    plan = (data.get("longshort_sweep") or {}).get("plan") if isinstance(data, dict) else None
-    return plan if isinstance(plan, dict) else None
-
-
-def plan_digest(plan: dict) -> str:
-    return hashlib.sha256(plan_json(plan).encode()).hexdigest()[:16]
-
-
-def foreign_work(sweep: Sweep, layout: Layout) -> list[str]:
-    """Runs in the folder that another plan computed or is computing, each with the keys that differ.
-
-    A finished run counts only when the plan recorded in its results equals this sweep's; a run
-    that another live worker holds must be computing this sweep's plan too (one folder, one plan).
-    """
-    problems = []
-    for run in sweep.runs:
-        current = sweep.run_plan(run)
-        results = layout.results(run.name)
-        if results is not None:
-            plan = recorded_plan(results)
-            if plan is None:
-                problems.append(f"runs/{run.name}/{results.name} records no sweep plan (not written by this sweep)")
-            elif differs := plan_differences(plan, current):
-                problems.append(f"runs/{run.name} was computed with other {', '.join(differs)}")
-            continue
-        claim = layout.claim(run.name)
-        info = claims.holder(claim)
-        if info and info.get("plan") not in (None, plan_digest(current)) and not claims.is_stale(claim):
-            problems.append(f"runs/{run.name} is being computed now by {claims.describe(claim)} with another plan")
-    return problems
-
-
-def check_output(sweep: Sweep, layout: Layout) -> None:
-    """Refuse an output folder holding another plan's runs (edited sweep file, --quick vs full,
-    results copied from elsewhere, or another sweep running there now): never reuse or mix them."""
-    problems = foreign_work(sweep, layout)
-    if problems:
-        raise SweepError(
-            f"{layout.root} holds work of another plan: " + "; ".join(problems) + ". Use another --output, "
-            "or delete runs/<name> (and stop the other sweep) for each run to recompute it with this plan"
-        )
 
 
 # --------------------------------------------------------------------------- one run
@@ -297,16 +187,14 @@ def _status(layout: Layout, sweep: Sweep, seconds: dict[str, float]) -> None:
             "seconds_this_session": seconds.get(run.name),
             "error": layout.failure(run.name) if state == "failed" else None,
         }
-    (layout.root / "sweep_status.json").write_text(json.dumps(status, indent=2), encoding="utf-8")
-
-
-def _held_elsewhere(layout: Layout, name: str) -> bool:
-    path = layout.claim(name)
-    return claims.holder(path) is not None and not claims.is_stale(path)
+    path = layout.root / "sweep_status.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
+    os.replace(tmp, path)  # several workers write it: each write whole
 
 
 def _failed_since(layout: Layout, name: str, since: float) -> bool:
-    """True when another worker recorded this run's failure after this worker started."""
+    """True when a worker recorded this run's failure after this worker started."""
     path = layout.run_dir(name) / "failed.json"
     return path.is_file() and path.stat().st_mtime >= since
 
@@ -317,6 +205,7 @@ def _claim_run(sweep: Sweep, run: RunSpec, layout: Layout) -> claims.Claim | Non
     Checked again once claimed: a run may have finished between the first look and the claim,
     and another plan's worker may have started beside this one (then both stop, mixing nothing).
     """
+    layout.run_dir(run.name).mkdir(parents=True, exist_ok=True)
     claim = claims.try_claim(layout.claim(run.name), plan=plan_digest(sweep.run_plan(run)))
     if claim is None:
         return None
@@ -330,37 +219,49 @@ def _claim_run(sweep: Sweep, run: RunSpec, layout: Layout) -> claims.Claim | Non
     return claim
 
 
-def run_sweep(sweep: Sweep, progress: Progress | None = None) -> SweepOutcome:
-    """Run every unfinished run that no other worker holds, then write the report when nothing is
-    left to compute (the last worker to finish writes it); never raises for a failing run."""
-    layout = Layout(Path(sweep.output))
-    check_output(sweep, layout)
-    progress = progress or Progress()
-    total = len(sweep.runs)
-    progress.say(f"{sweep.name}: {total} runs x {len(sweep.tasks)} tasks -> {layout.root}")
-    skipped, finished, failed, seconds, elsewhere = [], [], {}, {}, []
-    started = time.time()
-    for i, run in enumerate(sweep.runs, 1):
-        label = f"run {i}/{total} {run.name}"
+@dataclass
+class _Worker:
+    """One worker's pass over the sweep: what it scored, skipped, saw fail, and waits for."""
+
+    sweep: Sweep
+    layout: Layout
+    progress: Progress
+    started: float = field(default_factory=time.time)
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    announced: set[str] = field(default_factory=set)
+
+    def settled(self, name: str) -> bool:
+        return name in self.finished or name in self.skipped or name in self.failed
+
+    def visit(self, i: int, run: RunSpec) -> str:
+        """Settle a run if possible: 'done' (now or before), 'scored' (by this worker), 'held' (elsewhere)."""
+        label, layout = f"run {i}/{len(self.sweep.runs)} {run.name}", self.layout
         if layout.results(run.name):
-            skipped.append(run.name)
-            progress.say(f"{label}: already finished, skipped ({layout.results(run.name).name})")
-            continue
-        if _failed_since(layout, run.name, started):
-            failed[run.name] = layout.failure(run.name) or "?"
-            progress.say(f"{label}: failed in another worker, skipped")
-            continue
-        layout.run_dir(run.name).mkdir(parents=True, exist_ok=True)
-        claim = _claim_run(sweep, run, layout)
+            self.skipped.append(run.name)
+            how = "finished by another worker" if run.name in self.announced else "already finished"
+            self.progress.say(f"{label}: {how}, skipped ({layout.results(run.name).name})")
+            return "done"
+        if _failed_since(layout, run.name, self.started):
+            self.failed[run.name] = layout.failure(run.name) or "?"
+            self.progress.say(f"{label}: failed in another worker, skipped")
+            return "done"
+        claim = _claim_run(self.sweep, run, layout)
         if claim is None:
-            if layout.results(run.name):
-                skipped.append(run.name)
-                progress.say(f"{label}: finished by another worker, skipped")
-            else:
-                elsewhere.append(run.name)
-                progress.say(f"{label}: running in another worker ({claims.describe(layout.claim(run.name))}), skipped")
-            continue
-        (layout.run_dir(run.name) / "plan.json").write_text(json.dumps(sweep.run_plan(run), indent=2), encoding="utf-8")
+            if run.name not in self.announced:
+                self.announced.add(run.name)
+                holder = claims.describe(layout.claim(run.name))
+                self.progress.say(f"{label}: running in another worker ({holder}); waiting to take it over if it stops")
+            return "held"
+        self._score(label, i, run, claim)
+        return "scored"
+
+    def _score(self, label: str, i: int, run: RunSpec, claim: claims.Claim) -> None:
+        layout, progress, total = self.layout, self.progress, len(self.sweep.runs)
+        plan = json.dumps(self.sweep.run_plan(run), indent=2)
+        (layout.run_dir(run.name) / "plan.json").write_text(plan, encoding="utf-8")
         progress.say(
             f"{label}: starting ({run.backend}, {Path(str(run.model_args.get('pretrained'))).name}"
             f"{', variant' if run.variant else ''}); overall: {progress.estimate(total - i + 1)}"
@@ -369,42 +270,56 @@ def run_sweep(sweep: Sweep, progress: Progress | None = None) -> SweepOutcome:
         with claim:  # held until the outcome (results or failed.json) is on disk
             try:
                 with progress.heartbeat(label):
-                    path = evaluate_run(sweep, run, layout, claim)
+                    path = evaluate_run(self.sweep, run, layout, claim)
             except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
-                failed[run.name] = _record_failure(layout, run, exc)
-                progress.say(
-                    f"{label}: FAILED after {_duration(time.monotonic() - began)}: {failed[run.name].splitlines()[0]}"
-                )
+                self.failed[run.name] = error = _record_failure(layout, run, exc)
+                took = _duration(time.monotonic() - began)
+                progress.say(f"{label}: FAILED after {took}: {error.splitlines()[0]}")
             else:
                 (layout.run_dir(run.name) / "failed.json").unlink(missing_ok=True)
                 took = time.monotonic() - began
-                seconds[run.name] = took
+                self.seconds[run.name] = took
                 progress.durations.append(took)
-                finished.append(run.name)
-                progress.say(
-                    f"{label}: finished in {_duration(took)} -> {path}; overall: "
-                    f"{i}/{total} done, {progress.estimate(total - i)}"
-                )
+                self.finished.append(run.name)
+                left = sum(not self.settled(r.name) for r in self.sweep.runs)
+                progress.say(f"{label}: finished in {_duration(took)} -> {path}; overall: {progress.estimate(left)}")
             finally:
                 _release_memory()
-                _status(layout, sweep, seconds)
-    still_running = [name for name in elsewhere if _held_elsewhere(layout, name)]
-    report_path = None
-    if still_running:
-        progress.say(
-            f"{len(still_running)} run(s) still running in other workers ({', '.join(still_running)}): "
-            "the worker that finishes last writes the report"
-        )
-    else:
-        report_path = write_sweep_report(sweep, layout)
-    outcome = SweepOutcome(report_path, finished, failed, skipped)
+                _status(layout, self.sweep, self.seconds)
+
+
+def run_sweep(sweep: Sweep, progress: Progress | None = None, poll_s: float = POLL_S) -> SweepOutcome:
+    """Settle every run: score the unfinished ones no other worker holds, wait for those another
+    worker holds (taking one over if its holder stops), then write the report; never raises for a
+    failing run. Any number of workers may run this on one output folder."""
+    layout = Layout(Path(sweep.output))
+    check_output(sweep, layout)
+    progress = progress or Progress()
+    progress.say(f"{sweep.name}: {len(sweep.runs)} runs x {len(sweep.tasks)} tasks -> {layout.root}")
+    worker = _Worker(sweep, layout, progress)
+    while True:
+        visits = [worker.visit(i, run) for i, run in enumerate(sweep.runs, 1) if not worker.settled(run.name)]
+        if "held" not in visits:
+            break
+        if "scored" not in visits:
+            time.sleep(poll_s)
+    outcome = SweepOutcome(_write_report_once(sweep, layout), worker.finished, worker.failed, worker.skipped)
     progress.say(
-        f"done in {_duration(time.monotonic() - progress.start)}: {len(finished)} run(s) scored, "
-        f"{len(skipped)} already finished, {len(elsewhere)} in other workers, {len(failed)} failed"
+        f"done in {_duration(time.monotonic() - progress.start)}: {len(worker.finished)} run(s) scored here, "
+        f"{len(worker.skipped)} finished elsewhere or before, {len(worker.failed)} failed"
     )
     if outcome.report:
         progress.say(f"report: {outcome.report}")
     return outcome
+
+
+def _write_report_once(sweep: Sweep, layout: Layout) -> Path | None:
+    """The report, written by one worker at a time (another writing it now: skipped here)."""
+    claim = claims.try_claim(layout.root / "claims" / "report.claim")
+    if claim is None:
+        return None
+    with claim:
+        return write_sweep_report(sweep, layout)
 
 
 def load_finished(sweep: Sweep, layout: Layout) -> report.SweepRuns:
