@@ -4,8 +4,8 @@
   claim taken over, a live one respected, a stale heartbeat on "another host" taken over.
 * Two sweeps with different lengths on one folder: the second is refused naming the key; a
   finished run's results copied into a new folder and reported with another plan: refused.
-* Two identical sweeps started at the same moment, and `--workers 2`: each run computed once,
-  one results file per run, and the report equals a single worker's.
+* `--workers 2`, which starts two identical plain sweep commands at the same moment: each run
+  computed once, one results file per run, and the report equals a single worker's.
 * A worker killed with SIGKILL mid-run: the other takes its run over; same numbers.
 * A corrupt run cache: the run's failed.json says so in one line naming the file.
 """
@@ -153,31 +153,6 @@ def test_a_results_file_without_a_plan_is_foreign(finished, tmp_path):
     result.write_text(json.dumps(data))
     proc = run_sweep_cli(str(path), "--output", str(copy), "--report-only")
     assert proc.returncode == 2 and "records no sweep plan" in proc.stderr
-
-
-def test_two_identical_sweeps_started_together_compute_each_run_once(finished, tmp_path):
-    path, reference = finished
-    out = tmp_path / "out"
-    procs = [
-        subprocess.Popen(
-            sweep_command(str(path), "--output", str(out)),
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    both = "\n".join(logs)
-    for i, run in enumerate(("base", "yarn", "linear"), 1):
-        assert both.count(f"run {i}/3 {run}: starting") == 1, both
-        assert len(results_files(out, run)) == 1
-    assert both.count("[sweep] report:") >= 1
-    assert (out / "report" / "values.csv").read_text() == (reference / "report" / "values.csv").read_text()
-    assert not list((out / "claims").glob("*.claim"))  # every claim released
 
 
 def test_corrupt_run_cache_fails_the_run_with_one_line_naming_it(assets, tmp_path):
