@@ -4,8 +4,8 @@ A YAML names one of these with ``class: !function lm_eval_longshort.harness.task
 Each document becomes ONE Instance of request type ``longshort_score`` whose response is a
 small per-document summary; ``process_results`` turns it into per-length (numerator,
 denominator) pairs and ``aggregation`` pools them token-weighted. Metric names come from
-the task's ``lengths`` (``ppl@4096``, ``symkl@8192``...), so they are derived here rather
-than listed in YAML.
+the metric catalogue (numerics/catalogue.py) and the task's ``lengths`` (``ppl@4096``,
+``symkl@8192``...), so they are derived here rather than listed in YAML.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval_longshort.harness import lm_method
 from lm_eval_longshort.harness.datasets import DATASET_KEYS, LOADER_KEYS
 from lm_eval_longshort.harness.resume import text_sha1
-from lm_eval_longshort.numerics import aggregate
-from lm_eval_longshort.numerics.divergences import METRIC_NAMES
+from lm_eval_longshort.numerics import aggregate, catalogue
+from lm_eval_longshort.numerics.catalogue import key
 from lm_eval_longshort.protocols.settings import measured_settings, parse_settings, settings_to_json
 
 lm_method.install()
@@ -155,8 +155,25 @@ class _LongShortTask(ConfigurableTask):
         }
         return values
 
-    def _common_aggregations(self) -> dict:
-        return {"skipped_docs": aggregate.count, "documents": self._collect_documents}
+    def aggregation(self) -> dict:
+        """{metric key: aggregation} for every catalogue metric this task's kind and settings report."""
+        variant = self.settings.protocol if self.KIND == "ppl" else self.settings.mode
+        aggs = {}
+        for metric in catalogue.metrics():
+            if metric.kind not in (self.KIND, None) or (metric.only and variant not in metric.only):
+                continue
+            function = self._aggregator(metric)
+            lengths = self.settings.lengths if metric.per_length else [None]
+            aggs.update({key(metric.name, n): function for n in lengths})
+        return aggs
+
+    def _aggregator(self, metric: catalogue.Metric):
+        """How documents combine into ``metric`` (its standard error travels as ``fn.stderr``)."""
+        if metric.name in _SPECIAL:
+            return _SPECIAL[metric.name]
+        if metric.pool == "documents":
+            return self._collect_documents
+        return {"max": aggregate.maximum, "count": aggregate.count}.get(metric.pool) or _RATIO[metric.transform]
 
     def _collect_documents(self, records: list[dict]) -> int:
         """Keep every document's record for the results JSON; the metric is the number scored."""
@@ -164,7 +181,7 @@ class _LongShortTask(ConfigurableTask):
         return sum(1 for r in records if not r["skipped"])
 
     def higher_is_better(self) -> dict:
-        return {name: name.startswith(("top1", "key_frac")) for name in self.aggregation()}
+        return {name: catalogue.get(catalogue.parse_key(name)[0]).higher_is_better for name in self.aggregation()}
 
     def dump_config(self) -> dict:
         """lm-eval's config dump plus ``longshort``: what was measured, on which documents, by which engine."""
@@ -225,6 +242,9 @@ def _keyppl_stderr(pairs) -> float:
 
 
 _keyppl.stderr = _keyppl_stderr  # type: ignore[attr-defined]
+# A pooled ratio's aggregation by the catalogue's transform; metrics with their own rule.
+_RATIO = {"identity": aggregate.pooled_ratio, "exp": aggregate.perplexity, "bits": aggregate.bits_per_byte}
+_SPECIAL = {"keyppl": _keyppl}
 
 
 class PerplexityTask(_LongShortTask):
@@ -232,28 +252,18 @@ class PerplexityTask(_LongShortTask):
 
     KIND = "ppl"
 
-    def aggregation(self) -> dict:
-        lengths = self.settings.lengths
-        aggs = {f"ppl@{n}": aggregate.perplexity for n in lengths}
-        aggs.update({f"bpb@{n}": aggregate.bits_per_byte for n in lengths})
-        aggs["ppl@max"] = aggregate.perplexity
-        if self.settings.protocol == "ladder":
-            aggs["keyppl"] = _keyppl
-            aggs["key_frac"] = aggregate.pooled_ratio
-        return aggs | self._common_aggregations()
-
     def _per_doc_values(self, response: dict) -> dict:
         values = {}
         by_length = {r["L"]: r for r in response["records"]}
         for n in self.settings.lengths:
-            values[f"ppl@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_targets"])
+            values[key("ppl", n)] = (by_length[n]["nll_sum"], by_length[n]["n_targets"])
         for n in self.settings.lengths:
-            values[f"bpb@{n}"] = (by_length[n]["nll_sum"], by_length[n]["n_bytes"])
-        values["ppl@max"] = values[f"ppl@{self.settings.longest}"]
+            values[key("bpb", n)] = (by_length[n]["nll_sum"], by_length[n]["n_bytes"])
+        values["ppl@max"] = values[key("ppl", self.settings.longest)]
         if "key_tokens" in response:
-            key = response["key_tokens"]
-            values["keyppl"] = (key["key_nll_sum"], key["n_key"])
-            values["key_frac"] = (key["n_key"], key["n_targets"])
+            tokens = response["key_tokens"]
+            values["keyppl"] = (tokens["key_nll_sum"], tokens["n_key"])
+            values["key_frac"] = (tokens["n_key"], tokens["n_targets"])
         return values
 
 
@@ -265,24 +275,20 @@ class MisalignTask(_LongShortTask):
 
     KIND = "misalign"
 
-    def aggregation(self) -> dict:
-        aggs = {f"{m}@{n}": aggregate.pooled_ratio for m in METRIC_NAMES for n in self.settings.lengths}
-        aggs["approximate"] = aggregate.maximum
-        return aggs | self._common_aggregations()
-
     def _per_doc_values(self, response: dict) -> dict:
-        sums = {(m, n): 0.0 for m in METRIC_NAMES for n in self.settings.lengths}
+        names = catalogue.divergences()
+        sums = {(m, n): 0.0 for m in names for n in self.settings.lengths}
         counts = dict.fromkeys(self.settings.lengths, 0)
         if response["mode"] == "last":
             for pair in response["pairs"]:
                 counts[pair["long_len"]] += 1
-                for m in METRIC_NAMES:
+                for m in names:
                     sums[(m, pair["long_len"])] += pair[m]
         else:
             for group in response["groups"]:
                 counts[group["L"]] += group["n_positions"]
-                for m in METRIC_NAMES:
+                for m in names:
                     sums[(m, group["L"])] += group[f"{m}_sum"]
-        values = {f"{m}@{n}": (sums[(m, n)], counts[n]) for m in METRIC_NAMES for n in self.settings.lengths}
+        values = {key(m, n): (sums[(m, n)], counts[n]) for m in names for n in self.settings.lengths}
         values["approximate"] = float(bool(response.get("approximate", False)))
         return values

@@ -16,7 +16,10 @@ import math
 
 import torch
 
-METRIC_NAMES = ("sce", "symkl", "js", "top1", "tv")
+from lm_eval_longshort.numerics import catalogue
+
+# The divergences the catalogue lists (kind misalign), in its order; each has a kernel below.
+METRIC_NAMES = catalogue.divergences()
 
 
 def _promote(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +83,13 @@ def top1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.argmax(-1) == logq.argmax(-1)).to(logp.dtype)
 
 
-METRICS = {"sce": sce, "symkl": symkl, "js": js, "top1": top1, "tv": tv}
+# name -> kernel: the function of the metric's name. A divergence added to the catalogue at run
+# time (a plugin, a test) registers its kernel here before anything is scored.
+METRICS = {name: globals()[name] for name in METRIC_NAMES if callable(globals().get(name))}
 
 
 def all_divergences(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every metric of METRIC_NAMES for each leading index: {name: tensor[...]}.
+    """Every divergence of the catalogue for each leading index: {name: tensor[...]}.
 
     Fused for speed (dense misalignment evaluates this at every compared position of a 49k
     vocabulary): a few elementwise passes shared by all metrics (``_fused``), on CPU a few
@@ -95,16 +100,25 @@ def all_divergences(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.T
     logp, logq = _promote(logp, logq)
     shape = logp.shape[:-1]
     flat_p, flat_q = logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])  # [n, V]
+    names = catalogue.divergences()
+    missing = [name for name in names if name not in METRICS]
+    if missing:
+        raise KeyError(f"no kernel for the catalogue's divergence(s) {missing}: add them to divergences.METRICS")
     rows = flat_p.shape[0] if flat_p.is_cuda else CPU_BLOCK_ROWS
-    blocks = [_fused(a, b) for a, b in zip(flat_p.split(rows), flat_q.split(rows))]
+    blocks = [_with_others(_fused(a, b), a, b, names) for a, b in zip(flat_p.split(rows), flat_q.split(rows))]
     if not blocks:
-        return {name: flat_p.new_zeros(shape) for name in METRIC_NAMES}
-    values = {name: torch.cat([block[name] for block in blocks]) for name in METRIC_NAMES}  # [n] each
+        return {name: flat_p.new_zeros(shape) for name in names}
+    values = {name: torch.cat([block[name] for block in blocks]) for name in names}  # [n] each
     redo = torch.isnan(torch.stack(list(values.values()))).any(0)
     if bool(redo.any()):
-        for name in METRIC_NAMES:
+        for name in names:
             values[name][redo] = METRICS[name](flat_p[redo], flat_q[redo])
     return {name: value.reshape(shape) for name, value in values.items()}
+
+
+def _with_others(fused: dict, logp: torch.Tensor, logq: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """``fused`` plus, from its own kernel, every catalogue divergence the fused pass does not compute."""
+    return fused | {name: METRICS[name](logp, logq) for name in names if name not in fused}
 
 
 # Rows per CPU block: ~5 float32 temporaries of 4 rows x 49k entries stay within L2.
@@ -138,4 +152,4 @@ def _fused(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.Tensor]:
     w = torch.expm1(d, out=scratch).mul_(0.5).log1p_()
     js = 0.5 * (_dot(q, d) - _dot(p, w) - _dot(q, w))
     top1 = (logp.argmax(-1) == logq.argmax(-1)).to(logp.dtype)
-    return {"sce": sce, "symkl": symkl, "js": js, "top1": top1, "tv": tv}
+    return dict(sce=sce, symkl=symkl, js=js, top1=top1, tv=tv)
