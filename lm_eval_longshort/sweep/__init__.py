@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         sweep = load_sweep(args.sweep, quick=args.quick, output=args.output)
         if args.check:
             _print_plan(sweep)
+            from lm_eval_longshort.sweep import bill
+
+            print("\n".join(bill.describe([bill.run_bill(sweep, run) for run in sweep.runs])))
             return 0
         if args.report_only:
             layout = folder.Layout(sweep.output)

@@ -139,7 +139,8 @@ def documents(data: dict, problems: list[str]) -> tuple[tuple[int, ...] | None, 
 
 
 @functools.cache
-def _count(loader_name: str, keys_json: str) -> int:
+def _texts(loader_name: str, keys_json: str) -> tuple[str, ...]:
+    """The documents' texts, in task order (a document's index is its position here)."""
     import datasets
 
     from lm_eval_longshort.harness import datasets as loaders
@@ -148,7 +149,7 @@ def _count(loader_name: str, keys_json: str) -> int:
     if quiet:
         datasets.disable_progress_bars()  # a check prints problems, not dataset progress bars
     try:
-        return len(getattr(loaders, loader_name)(**json.loads(keys_json))["test"])
+        return tuple(getattr(loaders, loader_name)(**json.loads(keys_json))["test"]["text"])
     finally:
         if quiet:
             datasets.enable_progress_bars()
@@ -157,6 +158,12 @@ def _count(loader_name: str, keys_json: str) -> int:
 def document_count(task, metadata: dict) -> int | None:
     """How many documents a task has (lm-eval's ``samples`` index into them), when its loader reads
     local files only (the embedded Shakespeare corpus, ``local`` files); None when not counted."""
+    texts = task_texts(task, metadata)
+    return None if texts is None else len(texts)
+
+
+def task_texts(task, metadata: dict) -> tuple[str, ...] | None:
+    """A task's document texts in order, when its loader reads local files only; else None."""
     if task.yaml_path is None:
         return None
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -170,7 +177,7 @@ def document_count(task, metadata: dict) -> int | None:
         return None
     given = {**(config.get("metadata") or {}), **task.metadata, **metadata}
     keys = {k: given[k] for k in LOADER_KEYS[name] if k in given}
-    return _count(name, json.dumps(keys, sort_keys=True, default=str))
+    return _texts(name, json.dumps(keys, sort_keys=True, default=str))
 
 
 def sample_problems(samples: tuple[int, ...] | None, tasks, metadata: dict) -> list[str]:

@@ -193,6 +193,17 @@ def _status(layout: Layout, sweep: Sweep, seconds: dict[str, float]) -> None:
     os.replace(tmp, path)  # several workers write it: each write whole
 
 
+def _throughput(sweep: Sweep, run: RunSpec, seconds: float) -> str:
+    """`` (N input tokens, R tokens/s)`` for a finished run, from its bill ('' when not countable)."""
+    from lm_eval_longshort.sweep import bill
+
+    try:
+        tokens = bill.run_bill(sweep, run).tokens
+    except Exception:  # noqa: BLE001 - a progress line must never fail a finished run
+        return ""
+    return f" ({tokens:,} input tokens, {tokens / max(seconds, 1e-9):,.0f} tokens/s)" if tokens else ""
+
+
 def _failed_since(layout: Layout, name: str, since: float) -> bool:
     """True when a worker recorded this run's failure after this worker started."""
     path = layout.run_dir(name) / "failed.json"
@@ -282,7 +293,10 @@ class _Worker:
                 progress.durations.append(took)
                 self.finished.append(run.name)
                 left = sum(not self.settled(r.name) for r in self.sweep.runs)
-                progress.say(f"{label}: finished in {_duration(took)} -> {path}; overall: {progress.estimate(left)}")
+                progress.say(
+                    f"{label}: finished in {_duration(took)}{_throughput(self.sweep, run, took)} -> {path}; "
+                    f"overall: {progress.estimate(left)}"
+                )
             finally:
                 _release_memory()
                 _status(layout, self.sweep, self.seconds)
