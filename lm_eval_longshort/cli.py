@@ -1,4 +1,5 @@
-"""`lm-eval-longshort`: report, plot and compare lm-eval results; prepare local assets.
+"""`lm-eval-longshort`: report, plot and compare lm-eval results; run sweeps and the finetune
+demo; prepare local assets.
 
 Subcommands live in ``SUBCOMMANDS`` (name -> Subcommand(help, add_arguments, run)).
 To add one, write an ``add_arguments(parser)`` and a ``run(args) -> int`` and add an
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm_eval_longshort import reporting
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.training import finetune
 
 PROG = "lm-eval-longshort"
@@ -120,13 +122,13 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric",
         default="symkl",
-        choices=reporting.MISALIGN_METRICS,
+        choices=catalogue.names("misalign"),
         help="misalignment metric to correlate (default: %(default)s)",
     )
     parser.add_argument(
         "--ppl-metric",
         default="ppl",
-        choices=reporting.PPL_METRICS,
+        choices=catalogue.names("ppl"),
         help="perplexity metric to correlate (default: %(default)s)",
     )
     parser.add_argument("--ppl-task", default=None, help="ppl task, if several report the metric")
@@ -265,7 +267,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per SUBCOMMANDS entry."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Report, plot and compare lm-eval results of the longshort tasks."
+        prog=PROG,
+        description="Report, plot and compare lm-eval results of the longshort tasks; run sweeps and the "
+        "finetune demo; prepare the embedded model and corpus.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():

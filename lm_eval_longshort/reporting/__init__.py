@@ -1,45 +1,53 @@
 """Read lm-eval results JSONs of the longshort tasks; tabulate, plot and compare runs.
 
-One job per module:
-  runs      load results files into Run objects (values, standard errors, longshort records)
-  grouping  which results measured the same thing; how groups differ
-  tables    the table renderer (text or Markdown) and what ``report`` prints
-  plots     the figure (matplotlib, object API only; imported only when plotting)
-  compare   paired differences, correlations (scipy.stats), CSV and Markdown output
+Every metric's name, kind, transform, title and axis label come from the metric catalogue
+(numerics/catalogue.py). One job per module:
+  runs         load results files into Run objects (values, standard errors, longshort records)
+  longtable    the long table every report builds on: a row per (run, task, metric, L) value
+  grouping     which results measured the same thing; how groups differ
+  differences  paired differences between rows, on the same documents
+  correlation  Pearson / Spearman (scipy.stats) and percentile bootstrap intervals over runs
+  writers      the one table renderer (text or Markdown) and CSV
+  tables       what ``report`` prints
+  plots        ``plot``'s figure (matplotlib, object API only; imported only when plotting)
+  bands        the sweep report's figures: error bands, misalignment vs perplexity
+  compare      ``compare``: values, paired differences and correlations across runs
 """
 
-from lm_eval_longshort.reporting.compare import CompareResult, Correlation, Difference, compare_runs, pearson, spearman
+from lm_eval_longshort.reporting.compare import CompareResult, compare_runs
+from lm_eval_longshort.reporting.correlation import Correlation, bootstrap_intervals, correlate, pearson, spearman
+from lm_eval_longshort.reporting.differences import Difference, between_lengths, between_runs, paired
 from lm_eval_longshort.reporting.grouping import Group, describe_all, groups_by_kind
-from lm_eval_longshort.reporting.plots import check_output_path, length_label, plot_runs
+from lm_eval_longshort.reporting.longtable import Row, long_table, values_csv
+from lm_eval_longshort.reporting.plots import check_output_path, draw_runs, length_label, plot_runs
 from lm_eval_longshort.reporting.runs import (
-    MISALIGN_METRICS,
-    PPL_METRICS,
     ReportingError,
     Run,
     load_runs,
     parse_metric_key,
     read_results_file,
+    run_from_results,
 )
-from lm_eval_longshort.reporting.tables import (
-    format_length_table,
-    format_report,
-    format_run_report,
-    format_value,
-    render_table,
-)
+from lm_eval_longshort.reporting.tables import format_length_table, format_report, format_run_report, format_value
+from lm_eval_longshort.reporting.writers import csv_text, render_table, write_text
 
 __all__ = [
-    "MISALIGN_METRICS",
-    "PPL_METRICS",
     "CompareResult",
     "Correlation",
     "Difference",
     "Group",
     "ReportingError",
+    "Row",
     "Run",
+    "between_lengths",
+    "between_runs",
+    "bootstrap_intervals",
     "check_output_path",
     "compare_runs",
+    "correlate",
+    "csv_text",
     "describe_all",
+    "draw_runs",
     "format_length_table",
     "format_report",
     "format_run_report",
@@ -47,10 +55,15 @@ __all__ = [
     "groups_by_kind",
     "length_label",
     "load_runs",
+    "long_table",
+    "paired",
     "parse_metric_key",
     "pearson",
     "plot_runs",
     "read_results_file",
     "render_table",
+    "run_from_results",
     "spearman",
+    "values_csv",
+    "write_text",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.reporting import plots
 from lm_eval_longshort.reporting.runs import ReportingError, Run, finite
 
@@ -57,7 +58,7 @@ def _draw_bands(ax, runs: Sequence[Run], panel: Panel, colours: dict[str, str], 
         ax.fill_between(s.lengths, lo, hi, color=colour, alpha=0.18, linewidth=0)
     plots.finish_length_axes(ax, series, trained_context)
     ax.set_title(panel.title or f"{panel.metric} · {panel.task}", fontsize=10)
-    ax.set_ylabel(plots._YLABELS.get(panel.metric, panel.metric))
+    ax.set_ylabel(catalogue.label(panel.metric))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return True

@@ -1,10 +1,10 @@
 """``compare``: runs side by side, paired differences with standard errors, correlations.
 
-For one ppl task and one misalign task, across runs: the per-(run, L) values; the paired
-difference of every run from a baseline run and of every length from the shortest length
-of the same run, on the same documents (numerics.aggregate.paired_difference, documents
-matched by index and text hash); and Pearson / Spearman correlations (scipy.stats) of
-misalignment@L with perplexity@L, per length and pooled. Runs with only one of the two
+For one ppl task and one misalign task, across runs: the per-(run, L) values (from the long
+table, longtable.py); the paired difference of every run from a baseline run and of every
+length from the shortest length of the same run, on the same documents (differences.py); and
+Pearson / Spearman correlations (correlation.py) of misalignment@L with perplexity@L, per
+length and pooled. The columns are the catalogue's per-length metrics of each kind. Runs with only one of the two
 kinds (e.g. perplexity only) get values and paired differences of that kind, without
 correlations. Runs whose results measured different things (grouping.py) are refused,
 naming the keys that differ.
@@ -12,134 +12,24 @@ naming the keys that differ.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from lm_eval_longshort.numerics.aggregate import paired_difference
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.reporting import grouping
-from lm_eval_longshort.reporting.runs import MISALIGN_METRICS, PPL_METRICS, ReportingError, Run, finite
-from lm_eval_longshort.reporting.tables import format_value, format_with_error, render_table, short_task
+from lm_eval_longshort.reporting.correlation import Correlation, correlate, pearson, spearman
+from lm_eval_longshort.reporting.differences import DIFFERENCE_HEADER, Difference, between_lengths, between_runs
+from lm_eval_longshort.reporting.longtable import Row, index, long_table
+from lm_eval_longshort.reporting.runs import ReportingError, Run, finite
+from lm_eval_longshort.reporting.tables import format_value, format_with_error, short_task
+from lm_eval_longshort.reporting.writers import csv_text, render_table, write_text
 
-# How each metric's value comes from its pooled ratio num/den (see numerics/aggregate.py).
-TRANSFORMS = {"ppl": "exp", "bpb": "bits"}
+__all__ = ["CompareResult", "Correlation", "Difference", "compare_runs", "pearson", "spearman"]
+
 _SMALL_N_NOTE = "n = points with both metrics finite; with n = 2 |r| = |rho| = 1 trivially."
 _CORR_HEADER = ["L", "n", "pearson_r", "spearman_rho"]
-_DIFF_HEADER = ["label", "versus", "metric", "L", "versus_L", "difference", "stderr", "n_docs"]
-
-
-# --------------------------------------------------------------------------- correlations
-
-
-def _usable(x: np.ndarray, y: np.ndarray) -> bool:
-    """At least 2 points and neither side constant (else r is undefined: NaN)."""
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"correlation needs two 1-D arrays of equal length, got {x.shape} and {y.shape}")
-    return x.size >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson r (scipy.stats.pearsonr); NaN with fewer than 2 points or a constant side."""
-    from scipy import stats  # here: scipy.stats takes ~1 s to import, report/plot never need it
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return float(stats.pearsonr(x, y).statistic) if _usable(x, y) else math.nan
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rho (scipy.stats.spearmanr: Pearson r of average ranks, ties handled)."""
-    from scipy import stats
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return float(stats.spearmanr(x, y).statistic) if _usable(x, y) else math.nan
-
-
-@dataclass
-class Correlation:
-    """Correlation of misalignment vs perplexity over ``n`` points; length None = pooled."""
-
-    length: int | None
-    n: int
-    pearson: float
-    spearman: float
-
-
-def _correlate(length: int | None, pairs: Sequence[tuple[float, float]]) -> Correlation:
-    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-    return Correlation(length, len(pairs), pearson(xs, ys), spearman(xs, ys))
-
-
-# --------------------------------------------------------------------------- paired differences
-
-
-@dataclass
-class Difference:
-    """``metric@length`` of run ``label`` minus ``metric@versus_length`` of ``versus``, same documents."""
-
-    label: str
-    versus: str
-    metric: str
-    length: int
-    versus_length: int
-    difference: float
-    stderr: float
-    n_docs: int
-
-    def cells(self) -> list:
-        return [
-            self.label,
-            self.versus,
-            self.metric,
-            self.length,
-            self.versus_length,
-            self.difference,
-            self.stderr,
-            self.n_docs,
-        ]
-
-
-def paired(x: Run, task_x: str, y: Run, task_y: str, metric: str, length_x: int, length_y: int) -> Difference | None:
-    """The paired difference on the documents both sides scored (None if fewer than 1)."""
-    sums_x = x.document_sums(task_x, metric, length_x)
-    sums_y = y.document_sums(task_y, metric, length_y)
-    docs = sorted(set(sums_x) & set(sums_y))  # matched by (doc_index, text sha1)
-    if not docs:
-        return None
-    value, stderr = paired_difference(
-        [sums_x[d] for d in docs], [sums_y[d] for d in docs], TRANSFORMS.get(metric, "identity")
-    )
-    versus = y.label if y is not x else x.label
-    return Difference(x.label, versus, metric, length_x, length_y, value, stderr, len(docs))
-
-
-def _between_runs(runs: Sequence[Run], baseline: Run, measures: Sequence[tuple[str, str]]) -> list[Difference]:
-    """Every other run minus the baseline, per measured (task, metric) and common length."""
-    out = []
-    for run in runs:
-        if run is baseline:
-            continue
-        for task, metric in measures:
-            common = sorted(
-                set(run.per_length.get(task, {}).get(metric, {}))
-                & set(baseline.per_length.get(task, {}).get(metric, {}))
-            )
-            out += [d for L in common if (d := paired(run, task, baseline, task, metric, L, L))]
-    return out
-
-
-def _between_lengths(runs: Sequence[Run], measures: Sequence[tuple[str, str]]) -> list[Difference]:
-    """Within each run, every length minus the shortest length, per (task, metric)."""
-    out = []
-    for run in runs:
-        for task, metric in measures:
-            lengths = sorted(run.per_length.get(task, {}).get(metric, {}))
-            out += [d for L in lengths[1:] if (d := paired(run, task, run, task, metric, L, lengths[0]))]
-    return out
+_DIFF_HEADER = list(DIFFERENCE_HEADER)
 
 
 # --------------------------------------------------------------------------- the result
@@ -186,7 +76,9 @@ class CompareResult:
     def _row_cells(self) -> list[list[str]]:
         return [
             [
-                str(r.get(c, "")) if c in ("label", "L") else format_with_error(r.get(c), r.get(f"{c}_stderr"))
+                str(r.get(c, ""))
+                if c in ("label", "L")
+                else format_with_error(r.get(c), r.get(catalogue.key(c, stderr=True)))
                 for c in self.columns
             ]
             for r in self.rows
@@ -269,35 +161,19 @@ class CompareResult:
     def to_csv(self, path: str | Path, table: str = "rows") -> Path:
         """Write ``table`` = "rows" (one line per run and L), "correlations" or "differences"."""
         if table == "rows":
-            errors = [f"{c}_stderr" for c in self.columns[2:]]
-            header = [*self.columns, *errors]
-            body = [[_csv_value(r.get(c)) for c in header] for r in self.rows]
+            header = [*self.columns, *(catalogue.key(c, stderr=True) for c in self.columns[2:])]
+            body = [[r.get(c) for c in header] for r in self.rows]
         elif table == "correlations":
             header = _CORR_HEADER
             body = [
-                ["pooled" if c.length is None else c.length, c.n, _csv_value(c.pearson), _csv_value(c.spearman)]
-                for c in self._correlations
+                ["pooled" if c.length is None else c.length, c.n, c.pearson, c.spearman] for c in self._correlations
             ]
         elif table == "differences":
             header = _DIFF_HEADER
-            body = [[_csv_value(v) for v in d.cells()] for d in (*self.between_runs, *self.between_lengths)]
+            body = [d.cells() for d in (*self.between_runs, *self.between_lengths)]
         else:
             raise ValueError(f"table must be 'rows', 'correlations' or 'differences', got {table!r}")
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(body)
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(buffer.getvalue(), encoding="utf-8")
-        return out
-
-
-def _csv_value(value):
-    """Full precision in CSV; missing cells empty."""
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else value
+        return write_text(path, csv_text(header, body))
 
 
 # --------------------------------------------------------------------------- compare_runs
@@ -355,48 +231,51 @@ def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
     raise ReportingError(f"--baseline {baseline!r} is not a run label; labels: {', '.join(r.label for r in runs)}")
 
 
-def _table_rows(
-    runs: Sequence[Run],
-    p_task: str | None,
-    m_task: str | None,
-    ppl_cols: Sequence[str],
-    mis_cols: Sequence[str],
-    misalign_metric: str,
-    ppl_metric: str,
-):
+def _cell(table: dict, run: Run, task: str | None, metric: str, length: int) -> Row | None:
+    return table.get((run.label, task, metric, length))
+
+
+def _table_rows(runs: Sequence[Run], table: dict, sides: Sequence[tuple[str, str, Sequence[str]]]):
     """(rows, per-length correlations, pooled points) for the lengths 2+ runs report.
 
-    With one side missing (task None) there are rows but no correlations.
+    ``sides``: (task, metric, columns) of the perplexity side, then of the misalignment side,
+    for the sides measured; a length counts for a run when either side's metric is finite
+    there. With one side only there are rows but no correlations.
     """
 
-    def present(run: Run, L: int) -> bool:
-        return (p_task is not None and finite(run.value(p_task, ppl_metric, L))) or (
-            m_task is not None and finite(run.value(m_task, misalign_metric, L))
-        )
+    def value(run: Run, task: str, metric: str, length: int) -> float | None:
+        row = _cell(table, run, task, metric, length)
+        return row.value if row else None
+
+    def present(run: Run, length: int) -> bool:
+        return any(finite(value(run, task, metric, length)) for task, metric, _ in sides)
 
     rows, per_length, pooled = [], [], []
-    for L in sorted({L for r in runs for L in r.lengths}):
+    for L in sorted({length for (_, _, _, length) in table if length is not None}):
         members = [r for r in runs if present(r, L)]
         if len(members) < 2:
             continue
         points = []
         for run in members:
             row = {"label": run.label, "L": L}
-            for task, cols in ((p_task, ppl_cols), (m_task, mis_cols)):
-                if task is None:
-                    continue
-                row |= {m: run.value(task, m, L) for m in cols}
-                row |= {f"{m}_stderr": run.error(task, m, L) for m in cols}
+            for task, _, cols in sides:
+                cells = {m: _cell(table, run, task, m, L) for m in cols}
+                row |= {m: c.value if c else None for m, c in cells.items()}
+                row |= {catalogue.key(m, stderr=True): c.stderr if c else None for m, c in cells.items()}
             rows.append(row)
-            if p_task is None or m_task is None:
-                continue
-            x, y = run.value(m_task, misalign_metric, L), run.value(p_task, ppl_metric, L)
-            if finite(x) and finite(y):
-                points.append((x, y))
-        if p_task is not None and m_task is not None:
-            per_length.append(_correlate(L, points))
+            if len(sides) == 2:
+                (p_task, ppl_metric, _), (m_task, misalign_metric, _) = sides
+                x, y = value(run, m_task, misalign_metric, L), value(run, p_task, ppl_metric, L)
+                points += [(x, y)] if finite(x) and finite(y) else []
+        if len(sides) == 2:
+            per_length.append(correlate([x for x, _ in points], [y for _, y in points], L))
         pooled += points
     return rows, per_length, pooled
+
+
+def _columns(kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
+    """The catalogue's per-length metrics of ``kind`` (plus ``metric``), less those ``taken``."""
+    return [m for m in dict.fromkeys([*catalogue.names(kind), metric]) if m not in taken]
 
 
 def compare_runs(
@@ -417,8 +296,8 @@ def compare_runs(
     side is left out: values and paired differences of the other, no correlations.
     Differences between runs are taken against ``baseline`` (a run label; default the first run).
     """
-    p_task = _pick_side(runs, ppl_metric, PPL_METRICS, ppl_task, "--ppl-task")
-    m_task = _pick_side(runs, misalign_metric, MISALIGN_METRICS, misalign_task, "--misalign-task")
+    p_task = _pick_side(runs, ppl_metric, catalogue.names("ppl"), ppl_task, "--ppl-task")
+    m_task = _pick_side(runs, misalign_metric, catalogue.names("misalign"), misalign_task, "--misalign-task")
     if p_task is None and m_task is None:
         available = sorted({m for r in runs for t in r.per_length.values() for m in t})
         raise ReportingError(
@@ -429,20 +308,18 @@ def compare_runs(
         if task is not None:
             check_comparable(runs, task, kind)
     base = _pick_baseline(runs, baseline)
-    ppl_cols = list(dict.fromkeys([*PPL_METRICS, ppl_metric])) if p_task is not None else []
-    mis_cols = (
-        [m for m in dict.fromkeys([*MISALIGN_METRICS, misalign_metric]) if m not in ppl_cols]
-        if m_task is not None
-        else []
-    )
-    rows, per_length, pooled = _table_rows(runs, p_task, m_task, ppl_cols, mis_cols, misalign_metric, ppl_metric)
+    ppl_cols = _columns("ppl", ppl_metric) if p_task is not None else []
+    mis_cols = _columns("misalign", misalign_metric, ppl_cols) if m_task is not None else []
+    sides = [(t, m, c) for t, m, c in ((p_task, ppl_metric, ppl_cols), (m_task, misalign_metric, mis_cols)) if t]
+    values = long_table(runs, {t for t, _, _ in sides})
+    rows, per_length, pooled = _table_rows(runs, index(values), sides)
     if not rows:
         which = " or ".join(m for m, t in ((misalign_metric, m_task), (ppl_metric, p_task)) if t is not None)
         raise ReportingError(
             f"no context length is reported by 2 or more runs (for {which}); "
             "compare needs at least two runs evaluated at the same lengths"
         )
-    measures = [(t, m) for t, m in ((p_task, ppl_metric), (m_task, misalign_metric)) if t is not None]
+    measures = [(t, m) for t, m, _ in sides]
     result = CompareResult(
         misalign_metric,
         ppl_metric,
@@ -451,10 +328,10 @@ def compare_runs(
         ["label", "L", *ppl_cols, *mis_cols],
         rows,
         per_length,
-        _correlate(None, pooled) if p_task is not None and m_task is not None else None,
+        correlate([x for x, _ in pooled], [y for _, y in pooled]) if len(sides) == 2 else None,
         list(runs),
-        _between_runs(runs, base, measures),
-        _between_lengths(runs, measures),
+        between_runs(values, base.label, measures),
+        between_lengths(values, measures),
     )
     result.notes = _one_side_note(p_task, m_task) + _notes(runs)
     return result

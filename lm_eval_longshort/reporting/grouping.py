@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lm_eval_longshort.reporting.runs import MISALIGN_METRICS, PPL_METRICS, Run
+from lm_eval_longshort.numerics import catalogue
+from lm_eval_longshort.reporting.runs import Run
 
-KIND_METRICS = {"ppl": PPL_METRICS, "misalign": MISALIGN_METRICS}
 _DIGEST = re.compile(r"[0-9a-f]{32,}")
 _UNKNOWN = "settings unknown (results file written before the longshort record; rerun to compare it)"
 
@@ -39,11 +39,11 @@ class Group:
 def task_kind(run: Run, task: str) -> str | None:
     """ "ppl" or "misalign" from the record, else from the metrics reported per length."""
     record = run.longshort.get(task)
-    if record and record.get("kind") in KIND_METRICS:
+    if record and record.get("kind") in catalogue.KINDS:
         return record["kind"]
     metrics = set(run.per_length.get(task, {}))
-    for kind, names in KIND_METRICS.items():
-        if metrics & set(names):
+    for kind in catalogue.KINDS:
+        if metrics & set(catalogue.names(kind)):
             return kind
     return None
 
@@ -68,7 +68,7 @@ def group_results(members: Sequence[tuple[Run, str]], kind: str) -> list[Group]:
 def groups_by_kind(runs: Sequence[Run]) -> dict[str, list[Group]]:
     """{kind: groups} over every longshort task of every run."""
     out: dict[str, list[Group]] = {}
-    for kind in KIND_METRICS:
+    for kind in catalogue.KINDS:
         members = [(run, task) for run in runs for task in sorted(run.per_length) if task_kind(run, task) == kind]
         if members:
             out[kind] = group_results(members, kind)

@@ -1,4 +1,4 @@
-"""The figure: perplexity (and symKL / SCE) against context length, with error bars.
+"""The figure: the catalogue's plot metrics (perplexity, symKL, SCE) against context length, with error bars.
 
 One column per metric; one row per group of results that measured the same thing (see
 grouping.py), so results that measured different tokens never share a panel. matplotlib
@@ -12,32 +12,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.reporting import grouping
 from lm_eval_longshort.reporting.runs import ReportingError, Run, finite
 from lm_eval_longshort.reporting.tables import short_task
 
 PLOT_DPI = 120
-PANEL_METRICS = ("ppl", "symkl", "sce")
-_KIND = {"ppl": "ppl", "symkl": "misalign", "sce": "misalign"}
 
-_TITLES = {
-    "ppl": "Perplexity",
-    "bpb": "Bits per byte",
-    "symkl": "Symmetric KL (long vs short context)",
-    "sce": "Symmetric cross-entropy (long vs short)",
-    "js": "Jensen-Shannon divergence",
-    "top1": "Top-1 agreement (long vs short)",
-    "tv": "Total variation distance",
-}
-_YLABELS = {
-    "ppl": "perplexity",
-    "bpb": "bits / byte",
-    "symkl": "symKL (nats / token)",
-    "sce": "SCE (nats / token)",
-    "js": "JS (nats / token)",
-    "top1": "agreement rate",
-    "tv": "TV distance",
-}
+
+def panel_metrics() -> tuple[str, ...]:
+    """The metrics drawn as panels (the catalogue's ``plot`` entries), in catalogue order."""
+    return catalogue.names(plot=True)
 
 
 @dataclass
@@ -102,21 +87,28 @@ def _panels(
 ) -> list[tuple[str, list[tuple[grouping.Group, list[Series]]]]]:
     """[(metric, [(group, its series)])]: the columns, each with one entry per drawable group."""
     columns = []
-    for metric in PANEL_METRICS:
-        cells = [(g, s) for g in by_kind.get(_KIND[metric], []) if (s := _series(g.members, metric))]
+    metrics = panel_metrics()
+    for metric in metrics:
+        kind = catalogue.get(metric).kind
+        cells = [(g, s) for g in by_kind.get(kind, []) if (s := _series(g.members, metric))]
         if cells:
             columns.append((metric, cells))
     if columns:
         return columns
-    if any(run.tasks_with(PANEL_METRICS) for run in runs):
+    if any(run.tasks_with(metrics) for run in runs):
         raise ReportingError(
-            "nothing to plot: every ppl, symkl and sce value in these results is NaN; "
+            f"nothing to plot: every {_words(metrics, 'and')} value in these results is NaN; "
             "see skipped_docs in `lm-eval-longshort report` and use longer documents or shorter lengths"
         )
     raise ReportingError(
-        "nothing to plot: no run has per-length ppl, symkl or sce metrics "
+        f"nothing to plot: no run has per-length {_words(metrics, 'or')} metrics "
         "(run the longshort_ppl_* / longshort_misalign_* tasks first)"
     )
+
+
+def _words(names: Sequence[str], conjunction: str) -> str:
+    """``ppl, symkl and sce``."""
+    return f" {conjunction} ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
 
 
 def _wants_log_y(values: Iterable[float]) -> bool:
@@ -159,8 +151,8 @@ def _draw_panel(
             label=s.run.label,
         )
     finish_length_axes(ax, series, trained_context)
-    ax.set_title(f"{_TITLES.get(metric, metric)}\n{subtitle}", fontsize=10)
-    ax.set_ylabel(_YLABELS.get(metric, metric))
+    ax.set_title(f"{catalogue.title(metric)}\n{subtitle}", fontsize=10)
+    ax.set_ylabel(catalogue.label(metric))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 
@@ -198,14 +190,22 @@ def _subtitle(group: grouping.Group, series: Sequence[Series], groups: Sequence[
 def plot_runs(
     runs: Sequence[Run], out_path: str | Path, trained_context: int | None = None, title: str | None = None
 ) -> Path:
-    """Save a figure of perplexity (and symKL / SCE, if present) vs context length.
+    """Save a figure of perplexity (and symKL / SCE, if present) vs context length (:func:`draw_runs`)."""
+    out = check_output_path(out_path)
+    fig = draw_runs(runs, trained_context, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=PLOT_DPI)
+    return out
+
+
+def draw_runs(runs: Sequence[Run], trained_context: int | None = None, title: str | None = None):
+    """The figure (a matplotlib Figure): a column per ``plot`` metric of the catalogue.
 
     Columns: metrics; rows: groups of results that measured the same thing (one row when
     all did). Each panel has a line per run with standard-error bars where reported.
     """
     from matplotlib.figure import Figure
 
-    out = check_output_path(out_path)
     if not runs:
         raise ReportingError("no runs to plot")
     by_kind = grouping.groups_by_kind(runs)
@@ -220,10 +220,8 @@ def plot_runs(
                 axes[row][col].set_axis_off()
                 continue
             group, series = cells[row]
-            subtitle = _subtitle(group, series, by_kind[_KIND[metric]])
+            subtitle = _subtitle(group, series, by_kind[catalogue.get(metric).kind])
             _draw_panel(axes[row][col], series, metric, colours, trained_context, subtitle)
     if title:
         fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=PLOT_DPI)
-    return out
+    return fig

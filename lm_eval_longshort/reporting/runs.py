@@ -18,14 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PPL_METRICS = ("ppl", "bpb")
-MISALIGN_METRICS = ("symkl", "sce", "js", "top1", "tv")
+from lm_eval_longshort.numerics import catalogue
+
 RESULTS_GLOB = "results_*.json"
 
-# "<name>,<filter>" where <name> is "<metric>" or "<metric>@<suffix>" (or either + "_stderr").
+# "<key>,<filter>"; the key is parsed by catalogue.parse_key.
 _KEY_RE = re.compile(r"^(?P<name>[^,]+),(?P<filter>.*)$")
-_LENGTH_RE = re.compile(r"^\d+$")
-_STDERR = "_stderr"
 
 
 class ReportingError(ValueError):
@@ -57,13 +55,13 @@ class Run:
 
     @property
     def ppl_tasks(self) -> list[str]:
-        """Tasks with per-length ppl/bpb (classified by metric, not by task name)."""
-        return self.tasks_with(PPL_METRICS)
+        """Tasks with per-length perplexity metrics (classified by metric, not by task name)."""
+        return self.tasks_with(catalogue.names("ppl"))
 
     @property
     def misalign_tasks(self) -> list[str]:
-        """Tasks with per-length misalignment metrics (symkl, sce, js, top1, tv)."""
-        return self.tasks_with(MISALIGN_METRICS)
+        """Tasks with per-length misalignment metrics (the catalogue's divergences)."""
+        return self.tasks_with(catalogue.names("misalign"))
 
     @property
     def lengths(self) -> list[int]:
@@ -100,13 +98,14 @@ class Run:
             return None
         return sum(1 for d in docs if float(d["sums"][key][1]) > 0)
 
-    def document_sums(self, task: str, metric: str, length: int) -> dict[tuple[int, str], list[float]]:
-        """``{(doc_index, text sha1): [numerator, denominator]}`` of ``metric@length``.
+    def document_sums(self, task: str, metric: str, length: int | None) -> dict[tuple[int, str], list[float]]:
+        """``{(doc_index, text sha1): [numerator, denominator]}`` of ``metric@length`` (of the
+        scalar ``metric`` when ``length`` is None).
 
         Empty for older files and for skipped documents: paired differences need both.
         """
         record = self.longshort.get(task) or {}
-        key, out = f"{metric}@{length}", {}
+        key, out = catalogue.key(metric, length), {}
         for doc in record.get("documents") or []:
             sums = (doc.get("sums") or {}).get(key)
             if sums is not None and not doc.get("skipped"):
@@ -126,13 +125,8 @@ def _split_key(key: str) -> tuple[str, int | None, str, bool] | None:
     match = _KEY_RE.match(key)
     if match is None:
         return None
-    name, filt = match["name"], match["filter"]
-    is_stderr = name.endswith(_STDERR)
-    name = name.removesuffix(_STDERR)
-    metric, sep, suffix = name.partition("@")
-    if sep and _LENGTH_RE.match(suffix):
-        return metric, int(suffix), filt, is_stderr
-    return name, None, filt, is_stderr
+    metric, length, is_stderr = catalogue.parse_key(match["name"])
+    return metric, length, match["filter"], is_stderr
 
 
 def parse_metric_key(key: str) -> tuple[str, int | None, str] | None:
@@ -252,7 +246,13 @@ def _engine(data: dict, records: Iterable[dict | None]) -> tuple[str, str]:
 def read_results_file(path: str | Path) -> Run:
     """One results JSON -> a Run (label from model_args; disambiguation happens in load_runs)."""
     path = Path(path)
-    data = _read_json(path)
+    return run_from_results(_read_json(path), path)
+
+
+def run_from_results(data: dict, path: str | Path) -> Run:
+    """A Run from lm-eval's results (a results JSON's content, or ``simple_evaluate``'s output);
+    ``path`` names where it came from."""
+    path = Path(path)
     run = Run(label=default_label(data, path), path=path, sources=[path])
     run.model_args = _model_args_string(data)
     groups = _group_names(data)

@@ -1,12 +1,14 @@
-"""Text tables: the one table renderer (terminal or Markdown) and what ``report`` prints."""
+"""What ``report`` prints: per-length tables, scalar lines and the ± note (rendered by writers.py)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from lm_eval_longshort.reporting import grouping
-from lm_eval_longshort.reporting.runs import MISALIGN_METRICS, PPL_METRICS, Run, finite
+from lm_eval_longshort.numerics import catalogue
+from lm_eval_longshort.reporting import grouping, longtable
+from lm_eval_longshort.reporting.runs import Run, finite
+from lm_eval_longshort.reporting.writers import render_table
 
 NO_KEY_TOKENS = "no key tokens"
 
@@ -33,70 +35,16 @@ def short_task(task: str) -> str:
     return task.removeprefix("longshort_")
 
 
-def render_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    groups: Sequence[tuple[str, int]] | None = None,
-    left: int = 0,
-    markdown: bool = False,
-) -> str:
-    """An aligned plain-text table, or a GitHub Markdown pipe table with ``markdown=True``.
-
-    Text: ``groups`` = (title, n_columns) spans printed above the header and separated by
-    " | "; the first ``left`` columns are left-aligned (labels), the rest right-aligned.
-    Markdown ignores ``groups`` and escapes "|" in cells so it cannot break the columns.
-    """
-    if markdown:
-
-        def esc(cell: str) -> str:
-            return cell.replace("|", "\\|")
-
-        lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    spans = list(groups or [])
-    start = 0
-    for title, n in spans:  # widen a group's last column if its title does not fit
-        span = sum(widths[start : start + n]) + 2 * (n - 1)
-        widths[start + n - 1] += max(0, len(title) - span)
-        start += n
-
-    def line(cells: Sequence[str]) -> str:
-        out = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return _join_groups(out, spans).rstrip()
-
-    lines = []
-    if spans:
-        titles, start = [], 0
-        for title, n in spans:
-            titles.append(title.ljust(sum(widths[start : start + n]) + 2 * (n - 1)))
-            start += n
-        lines.append(" | ".join(titles).rstrip())
-    lines.append(line(header))
-    lines.append(_join_groups(["-" * w for w in widths], spans))
-    lines.extend(line(r) for r in rows)
-    return "\n".join(lines)
-
-
-def _join_groups(cells: Sequence[str], spans: Sequence[tuple[str, int]]) -> str:
-    """Join cells with two spaces inside a group and " | " between groups."""
-    if not spans:
-        return "  ".join(cells)
-    parts, start = [], 0
-    for _, n in spans:
-        parts.append("  ".join(cells[start : start + n]))
-        start += n
-    return " | ".join(parts)
-
-
 def _columns(run: Run) -> list[tuple[str, str]]:
-    """(task, metric) columns: ppl tasks first (ppl, bpb), then misalign tasks.
+    """(task, metric) columns: ppl tasks first, then misalign tasks, each with the catalogue's
+    per-length metrics of its kind in catalogue order.
 
-    Per-length metrics outside the known lists are appended so nothing is hidden.
+    Per-length metrics the catalogue does not list are appended so nothing is hidden.
     """
     columns: list[tuple[str, str]] = []
-    for tasks, known in ((run.ppl_tasks, PPL_METRICS), (run.misalign_tasks, MISALIGN_METRICS)):
-        for task in tasks:
+    for kind in catalogue.KINDS:
+        known = catalogue.names(kind)
+        for task in run.tasks_with(known):
             extra = sorted(set(run.per_length[task]) - set(known))
             columns += [(task, m) for m in (*known, *extra)]
     return columns
@@ -104,15 +52,19 @@ def _columns(run: Run) -> list[tuple[str, str]]:
 
 def format_length_table(run: Run) -> str:
     """One row per context length (ascending); columns ppl/bpb per ppl task, then
-    symkl/sce/js/top1/tv per misalign task, each value with ±its standard error where
-    the results hold one; missing cells blank."""
+    symkl/sce/js/top1/tv per misalign task (``_columns``), each value of the run's long table
+    with ±its standard error where the results hold one; missing cells blank."""
     columns = _columns(run)
     if not columns:
         return "(no per-length metrics: were these longshort_* tasks?)"
+    table = longtable.index(longtable.run_rows(run))
+
+    def cell(task: str, metric: str, length: int) -> str:
+        row = table.get((run.label, task, metric, length))
+        return format_with_error(row.value, row.stderr) if row else ""
+
     header = ["L"] + [metric for _, metric in columns]
-    rows = [
-        [str(L)] + [format_with_error(run.value(t, m, L), run.error(t, m, L)) for t, m in columns] for L in run.lengths
-    ]
+    rows = [[str(L)] + [cell(t, m, L) for t, m in columns] for L in run.lengths]
     groups = [("", 1)]
     for task in dict.fromkeys(t for t, _ in columns):
         groups.append((short_task(task), sum(1 for t, _ in columns if t == task)))

@@ -1,138 +1,82 @@
 """One report per sweep: per-length tables, correlations across runs, plots and CSV.
 
 Built only from the runs' own results JSONs (loaded by ``reporting.load_runs``), so the
-report can be regenerated at any time. Tables: one per (task, metric), a row per run and a
-column per length, each value ± its standard error (delta method over documents, as lm-eval
-reported it). Correlations: misalignment@L against perplexity across runs, at the same L and
-against perplexity at the longest length, Pearson and Spearman (scipy, via reporting) with n
-and a percentile bootstrap interval over runs. The Markdown holds no times or absolute paths,
-so an interrupted-and-resumed sweep gives the same report as an uninterrupted one.
+report can be regenerated at any time, on the long table (reporting/longtable.py) and the
+shared writers. Which metrics appear where is the catalogue's (numerics/catalogue.py):
+tables, one per (task, ``table`` metric), a row per run and a column per length, each value ±
+its standard error (delta method over documents, as lm-eval reported it); correlations of each
+``correlate`` metric@L with perplexity across runs, at the same L and at the longest length,
+Pearson and Spearman with n and a percentile bootstrap interval over runs (reporting/correlation.py);
+the ``plot`` metrics' figures; values.csv, every value. The Markdown holds no times or absolute
+paths, so an interrupted-and-resumed sweep gives the same report as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lm_eval_longshort import reporting
-from lm_eval_longshort.reporting import bands, grouping
+from lm_eval_longshort.numerics import catalogue
+from lm_eval_longshort.reporting import bands, correlation, grouping, longtable
+from lm_eval_longshort.reporting.correlation import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, LEVEL, Correlation
+from lm_eval_longshort.reporting.longtable import Row
 from lm_eval_longshort.reporting.runs import Run, finite
-from lm_eval_longshort.reporting.tables import format_value, format_with_error, render_table
+from lm_eval_longshort.reporting.tables import format_value, format_with_error
+from lm_eval_longshort.reporting.writers import csv_text, render_table
 
-PPL_TABLE_METRICS = ("ppl", "bpb")
-MISALIGN_TABLE_METRICS = ("symkl", "sce", "top1")
-CORRELATED = ("symkl", "sce")
-SCALARS = ("keyppl", "key_frac")
-CSV_METRICS = ("ppl", "bpb", "symkl", "sce", "js", "tv", "top1")
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_SEED = 0
-LEVEL = 0.95
+__all__ = ["BOOTSTRAP_DRAWS", "BOOTSTRAP_SEED", "LEVEL", "SweepRuns", "write_report"]
+
+VERSUS = "ppl"  # what misalignment is correlated with: perplexity, at L or at the longest length
 REPORT_NAME = "report.md"
+CORRELATIONS_HEADER = (
+    "task",
+    "metric",
+    "L",
+    "versus",
+    "n",
+    "pearson",
+    "pearson_lo",
+    "pearson_hi",
+    "spearman",
+    "spearman_lo",
+    "spearman_hi",
+    "runs",
+)
 
 
 # --------------------------------------------------------------------------- correlations
 
 
-def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r of each row pair of [B, n] arrays; NaN where a row is constant."""
-    xc = x - x.mean(axis=1, keepdims=True)
-    yc = y - y.mean(axis=1, keepdims=True)
-    den = np.sqrt((xc * xc).sum(axis=1) * (yc * yc).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (xc * yc).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
-
-
-def bootstrap_intervals(
-    x: Sequence[float],
-    y: Sequence[float],
-    draws: int = BOOTSTRAP_DRAWS,
-    seed: int = BOOTSTRAP_SEED,
-    level: float = LEVEL,
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of Pearson r and Spearman rho, resampling runs with replacement.
-
-    ``idx = default_rng(seed).integers(0, n, (draws, n))``; a draw where either side is constant
-    has no correlation and is left out. NaN bounds with fewer than 3 runs (resampling 2 points
-    can only give ±1) or when under half of the draws are usable.
-    """
-    from scipy.stats import rankdata
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    nan = (math.nan, math.nan)
-    if x.size < 3:
-        return {"pearson": nan, "spearman": nan}
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(draws, x.size))
-    xs, ys = x[idx], y[idx]
-    out = {}
-    for name, (a, b) in {"pearson": (xs, ys), "spearman": (rankdata(xs, axis=1), rankdata(ys, axis=1))}.items():
-        r = _rowwise_pearson(a, b)
-        r = r[np.isfinite(r)]
-        tail = (1 - level) / 2 * 100
-        out[name] = (float(np.percentile(r, tail)), float(np.percentile(r, 100 - tail))) if r.size >= draws / 2 else nan
-    return out
-
-
-@dataclass
-class CorrelationRow:
-    """misalignment ``metric``@``length`` of ``task`` vs ``versus`` (e.g. ``ppl@16384``) across runs."""
-
-    task: str
-    metric: str
-    length: int
-    versus: str
-    n: int
-    pearson: float
-    pearson_ci: tuple[float, float]
-    spearman: float
-    spearman_ci: tuple[float, float]
-    runs: tuple[str, ...] = ()
-
-
 def correlate(x: Sequence[float], y: Sequence[float]) -> tuple[int, float, float, dict]:
     """(n, Pearson r, Spearman rho, bootstrap intervals) over the pairs with both sides finite."""
-    pairs = [(a, b) for a, b in zip(x, y) if finite(a) and finite(b)]
-    xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
-    return len(pairs), reporting.pearson(xs, ys), reporting.spearman(xs, ys), bootstrap_intervals(xs, ys)
+    c = correlation.correlate(x, y, intervals=True)
+    return c.n, c.pearson, c.spearman, {"pearson": c.pearson_ci, "spearman": c.spearman_ci}
 
 
-def correlation_rows(runs: Sequence[Run], misalign_task: str, ppl_task: str) -> list[CorrelationRow]:
-    """Per misalignment metric and length: against ppl at the same L, and against ppl at the
-    longest length the ppl task measured (what length generalization is judged by)."""
-    ppl_lengths = sorted({L for r in runs for L in r.per_length.get(ppl_task, {}).get("ppl", {})})
+def correlation_rows(runs: Sequence[Run], misalign_task: str, ppl_task: str) -> list[Correlation]:
+    """Per correlated misalignment metric and length: against ppl at the same L, and against ppl
+    at the longest length the ppl task measured (what length generalization is judged by)."""
+    ppl_lengths = sorted({L for r in runs for L in r.per_length.get(ppl_task, {}).get(VERSUS, {})})
     if not ppl_lengths:
         return []
     longest = ppl_lengths[-1]
     rows = []
-    for metric in CORRELATED:
+    for metric in catalogue.names("misalign", correlate=True):
         lengths = sorted({L for r in runs for L in r.per_length.get(misalign_task, {}).get(metric, {})})
         for target in ("same", longest):
             for L in lengths:
-                ppl_at = L if target == "same" else target
                 x = [r.value(misalign_task, metric, L) for r in runs]
-                y = [r.value(ppl_task, "ppl", ppl_at) for r in runs]
-                n, r_, rho, ci = correlate(x, y)
-                used = tuple(r.label for r, a, b in zip(runs, x, y) if finite(a) and finite(b))
-                rows.append(
-                    CorrelationRow(
-                        misalign_task,
-                        metric,
-                        L,
-                        "ppl@L" if target == "same" else f"ppl@{longest}",
-                        n,
-                        r_,
-                        ci["pearson"],
-                        rho,
-                        ci["spearman"],
-                        used,
-                    )
-                )
+                y = [r.value(ppl_task, VERSUS, L if target == "same" else target) for r in runs]
+                c = correlation.correlate(x, y, L, [r.label for r in runs], intervals=True)
+                c.task, c.metric = misalign_task, metric
+                c.versus = f"{VERSUS}@L" if target == "same" else catalogue.key(VERSUS, longest)
+                rows.append(c)
     return rows
 
 
@@ -143,20 +87,23 @@ def _interval(ci: tuple[float, float]) -> str:
     return "" if not all(map(finite, ci)) else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def metric_table(runs: Sequence[Run], task: str, metric: str) -> str:
-    """Markdown: a row per run, a column per length, cells value ± standard error."""
-    lengths = sorted({L for r in runs for L in r.per_length.get(task, {}).get(metric, {})})
-    rows = [
-        [r.label] + [format_with_error(r.value(task, metric, L), r.error(task, metric, L)) for L in lengths]
-        for r in runs
-        if task in r.per_length
-    ]
+def metric_table(values: Sequence[Row], labels: Sequence[str], task: str, metric: str) -> str:
+    """Markdown: a row per run of ``labels``, a column per length, cells value ± standard error."""
+    lengths = longtable.lengths_of(values, task, metric)
+    table = longtable.index(values)
+
+    def cell(label: str, length: int) -> str:
+        row = table.get((label, task, metric, length))
+        return format_with_error(row.value, row.stderr) if row else ""
+
+    rows = [[label] + [cell(label, L) for L in lengths] for label in labels]
     return render_table(["run"] + [f"L={L}" for L in lengths], rows, markdown=True)
 
 
 def scalar_table(runs: Sequence[Run], task: str) -> str | None:
-    """Markdown: keyppl and key_frac (± se) per run, or None when the task reports neither."""
-    names = [s for s in SCALARS if any(s in r.scalars.get(task, {}) for r in runs)]
+    """Markdown: the task's scalar table metrics (keyppl, key_frac) ± se per run, or None when it reports none."""
+    listed = catalogue.names("ppl", per_length=False, table=True)
+    names = [s for s in listed if any(s in r.scalars.get(task, {}) for r in runs)]
     if not names:
         return None
     rows = []
@@ -174,7 +121,7 @@ def scalar_table(runs: Sequence[Run], task: str) -> str | None:
     return render_table(["run", *names], rows, markdown=True)
 
 
-def correlation_table(rows: Sequence[CorrelationRow]) -> str:
+def correlation_table(rows: Sequence[Correlation]) -> str:
     header = ["metric", "L", "versus", "n", "Pearson r", f"{LEVEL:.0%} CI", "Spearman rho", f"{LEVEL:.0%} CI"]
     cells = [
         [
@@ -197,11 +144,18 @@ def correlation_table(rows: Sequence[CorrelationRow]) -> str:
 
 @dataclass
 class SweepRuns:
-    """The finished runs (loaded, labelled by run name) and the failed ones with their errors."""
+    """The finished runs and the failed ones.
+
+    Attributes:
+        runs: the finished runs, loaded, labelled by run name, in sweep order.
+        failed: {run name: its error} of the runs that failed.
+        pending: not read by the report (a run neither finished nor failed is "not run yet");
+            kept only while sweep/execute.py still passes it.
+    """
 
     runs: list[Run]
     failed: dict[str, str]
-    pending: list[str]
+    pending: list[str] = field(default_factory=list)
 
 
 def _kind_tasks(runs: Sequence[Run], kind: str) -> list[str]:
@@ -254,18 +208,19 @@ def _runs_section(sweep, loaded: SweepRuns) -> list[str]:
     return out + ([""] if loaded.failed else [])
 
 
-def _tables_section(runs: Sequence[Run]) -> list[str]:
+def _tables_section(runs: Sequence[Run], values: Sequence[Row]) -> list[str]:
     out = ["## Per-length results (value ± standard error over documents)", ""]
-    for kind, metrics in (("ppl", PPL_TABLE_METRICS), ("misalign", MISALIGN_TABLE_METRICS)):
+    for kind in catalogue.KINDS:
         for task in _kind_tasks(runs, kind):
             out += [f"### {task}", "", f"Settings: {_settings_line(runs, task)}", ""]
-            for metric in metrics:
+            labels = [r.label for r in runs if task in r.per_length]
+            for metric in catalogue.names(kind, table=True):
                 if any(metric in r.per_length.get(task, {}) for r in runs):
-                    out += [f"**{metric}@L**", "", metric_table(runs, task, metric), ""]
+                    out += [f"**{metric}@L**", "", metric_table(values, labels, task, metric), ""]
             scalars = scalar_table(runs, task) if kind == "ppl" else None
             if scalars:
                 out += ["**key tokens** (ladder: targets that long context helps)", "", scalars, ""]
-    for kind in ("ppl", "misalign"):
+    for kind in catalogue.KINDS:
         for task in _kind_tasks(runs, kind):
             groups = grouping.group_results([(r, task) for r in runs if task in r.per_length], kind)
             if len(groups) > 1:
@@ -280,24 +235,24 @@ def _tables_section(runs: Sequence[Run]) -> list[str]:
     return out
 
 
-def noise_table(runs: Sequence[Run], tasks: Sequence[str]) -> str:
-    """Markdown: per misalignment task and metric, the median relative standard error (se / value)
-    over runs and lengths: how precisely each mode measures with these documents."""
+def noise_table(values: Sequence[Row], tasks: Sequence[str]) -> str:
+    """Markdown: per misalignment task and correlated metric, the median relative standard error
+    (se / value) over runs and lengths: how precisely each mode measures with these documents."""
     rows = []
     for task in tasks:
-        for metric in CORRELATED:
+        for metric in catalogue.names("misalign", correlate=True):
             ratios = [
-                r.error(task, metric, L) / v
-                for r in runs
-                for L, v in r.per_length.get(task, {}).get(metric, {}).items()
-                if finite(v) and v > 0 and finite(r.error(task, metric, L))
+                r.stderr / r.value
+                for r in values
+                if r.task == task and r.metric == metric and r.length is not None
+                if finite(r.value) and r.value > 0 and finite(r.stderr)
             ]
             if ratios:
                 rows.append([task, metric, f"{float(np.median(ratios)):.3g}", str(len(ratios))])
     return render_table(["task", "metric", "median se / value", "cells"], rows, markdown=True)
 
 
-def _correlation_section(runs: Sequence[Run]) -> tuple[list[str], list[CorrelationRow]]:
+def _correlation_section(runs: Sequence[Run], values: Sequence[Row]) -> tuple[list[str], list[Correlation]]:
     out = [
         "## Misalignment vs perplexity across runs",
         "",
@@ -314,11 +269,11 @@ def _correlation_section(runs: Sequence[Run]) -> tuple[list[str], list[Correlati
         out += [
             "Precision of each misalignment measure (smaller ranks runs more reliably):",
             "",
-            noise_table(runs, mis_tasks),
+            noise_table(values, mis_tasks),
             "",
         ]
     for ppl_task in _kind_tasks(runs, "ppl"):
-        for task in _kind_tasks(runs, "misalign"):
+        for task in mis_tasks:
             rows = correlation_rows(runs, task, ppl_task)
             all_rows += rows
             if rows:
@@ -327,59 +282,17 @@ def _correlation_section(runs: Sequence[Run]) -> tuple[list[str], list[Correlati
 
 
 def values_csv(runs: Sequence[Run]) -> str:
-    """run, task, metric, L, value, stderr (L empty for scalars), full precision."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "task", "metric", "L", "value", "stderr"])
-    for r in runs:
-        for task in r.per_length:
-            for metric in CSV_METRICS:
-                for L, v in sorted(r.per_length[task].get(metric, {}).items()):
-                    writer.writerow([r.label, task, metric, L, repr(v), _csv(r.error(task, metric, L))])
-            for name, v in sorted(r.scalars.get(task, {}).items()):
-                writer.writerow([r.label, task, name, "", repr(v), _csv(r.scalar_stderr.get(task, {}).get(name))])
-    return buffer.getvalue()
+    """run, task, metric, L, value, stderr (L empty for scalars), full precision: the long table."""
+    return longtable.values_csv(longtable.long_table(runs))
 
 
-def correlations_csv(rows: Sequence[CorrelationRow]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        [
-            "task",
-            "metric",
-            "L",
-            "versus",
-            "n",
-            "pearson",
-            "pearson_lo",
-            "pearson_hi",
-            "spearman",
-            "spearman_lo",
-            "spearman_hi",
-            "runs",
-        ]
-    )
-    for c in rows:
-        writer.writerow(
-            [
-                c.task,
-                c.metric,
-                c.length,
-                c.versus,
-                c.n,
-                _csv(c.pearson),
-                *map(_csv, c.pearson_ci),
-                _csv(c.spearman),
-                *map(_csv, c.spearman_ci),
-                " ".join(c.runs),
-            ]
-        )
-    return buffer.getvalue()
-
-
-def _csv(value) -> str:
-    return "" if value is None else repr(float(value))
+def correlations_csv(rows: Sequence[Correlation]) -> str:
+    body = [
+        [c.task, c.metric, c.length, c.versus, c.n, c.pearson, *c.pearson_ci, c.spearman, *c.spearman_ci]
+        + [" ".join(c.runs)]
+        for c in rows
+    ]
+    return csv_text(CORRELATIONS_HEADER, body)
 
 
 def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
@@ -389,7 +302,8 @@ def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
     trained = sweep.trained_context
     figures = []  # (title, draw(path), file name); panels bound now, not when drawn
     if ppl_tasks:
-        ppl_panels = [bands.Panel(t, "ppl", f"Perplexity · {t}") for t in ppl_tasks]
+        ppl_metrics = catalogue.names("ppl", plot=True)
+        ppl_panels = [bands.Panel(t, m, f"{catalogue.title(m)} · {t}") for t in ppl_tasks for m in ppl_metrics]
         figures.append(
             (
                 "Perplexity vs context length",
@@ -398,16 +312,21 @@ def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
             )
         )
     if mis_tasks:
-        mis_panels = [bands.Panel(t, m, f"{m} · {t}") for t in mis_tasks for m in CORRELATED]
+        mis_metrics = catalogue.names("misalign", plot=True)
+        mis_panels = [bands.Panel(t, m, f"{m} · {t}") for t in mis_tasks for m in mis_metrics]
         figures.append(
             (
                 "Misalignment vs context length",
-                lambda p: bands.plot_length_bands(runs, mis_panels, p, trained, columns=len(CORRELATED), labels=labels),
+                lambda p: bands.plot_length_bands(
+                    runs, mis_panels, p, trained, columns=len(mis_metrics), labels=labels
+                ),
                 "misalignment_vs_length.png",
             )
         )
     if ppl_tasks and mis_tasks:
-        dots = [bands.ScatterPanel(t, "symkl", ppl_tasks[0], title=f"symkl@L ({t}) vs ppl@L") for t in mis_tasks]
+        x = catalogue.names("misalign", correlate=True)[0]
+        title = f"{x}@L ({{}}) vs {VERSUS}@L"
+        dots = [bands.ScatterPanel(t, x, ppl_tasks[0], VERSUS, title=title.format(t)) for t in mis_tasks]
         figures.append(
             (
                 "Misalignment vs perplexity (each point a run at one L)",
@@ -441,13 +360,14 @@ def write_report(sweep, loaded: SweepRuns, folder: Path) -> Path:
         "",
     ]
     body = _runs_section(sweep, loaded)
-    corr_rows: list[CorrelationRow] = []
+    values = longtable.long_table(runs)
+    corr_rows: list[Correlation] = []
     if runs:
-        body += _tables_section(runs)
-        corr, corr_rows = _correlation_section(runs)
+        body += _tables_section(runs, values)
+        corr, corr_rows = _correlation_section(runs, values)
         body += corr + _plots(sweep, runs, folder)
     body += ["CSV: `values.csv` (every metric, full precision), `correlations.csv`.", ""]
-    (folder / "values.csv").write_text(values_csv(runs), encoding="utf-8")
+    (folder / "values.csv").write_text(longtable.values_csv(values), encoding="utf-8")
     (folder / "correlations.csv").write_text(correlations_csv(corr_rows), encoding="utf-8")
     out = folder / REPORT_NAME
     out.write_text("\n".join(head + body), encoding="utf-8")
