@@ -5,11 +5,16 @@
 * on a tiny random Llama: the term against numpy formulas over plain forwards, alpha = 0 is
   exactly the model's own LM loss, the gradient reaches the parameters through each input
   and splits into the two paths, a few steps lower the term, the Trainer logs both terms;
-* every bad input fails before any step runs.
+* every bad input fails before any step runs;
+* `finetune` end to end at the smallest size: its checkpoints are measured as the runs of one sweep
+  on the held-out plays, and its report's numbers are that sweep's values and, for the paired
+  differences, numerics.aggregate on the per-document sums in the sweep's results.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from harness_run import evaluate, response
 from offline import offline_env
 from reference import dense_positions, numpy_divergences
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, TrainingArguments
 
+from lm_eval_longshort.numerics import aggregate
 from lm_eval_longshort.training import (
     MisalignmentTrainer,
     RegularizerConfig,
     check_model,
     regularized_loss,
 )
+from lm_eval_longshort.training.evaluation import pairs_to_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -271,7 +279,7 @@ def test_bad_input_fails_before_training(tiny, tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
+def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = offline_env(PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "lm_eval_longshort.cli", "finetune", *argv],
@@ -279,7 +287,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
         text=True,
         cwd=ROOT,
         env=env,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -289,3 +297,75 @@ def test_finetune_command_help_and_bad_alpha(assets, tmp_path):
     done = _cli("--alphas", "0", "-0.5", "--output-dir", str(tmp_path))
     assert done.returncode == 2 and "alpha=-0.5 must be a finite number >= 0" in done.stderr
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_pairs_compared_are_each_alpha_against_zero_and_each_checkpoint_against_base():
+    names = ["base", "alpha_0", "alpha_0.1", "alpha_0.3"]
+    assert pairs_to_compare(names) == [
+        ("alpha_0.1", "alpha_0"),
+        ("alpha_0.3", "alpha_0"),
+        ("alpha_0", "base"),
+        ("alpha_0.1", "base"),
+        ("alpha_0.3", "base"),
+    ]
+    assert pairs_to_compare(["alpha_0", "alpha_0.1"]) == [("alpha_0.1", "alpha_0")]  # --no-base
+    assert pairs_to_compare(["alpha_0.1", "alpha_0.2"]) == []  # no alpha 0, no base: nothing to pair
+
+
+def _document_sums(results_file: Path, task: str, key: str) -> list[list[float]]:
+    """[numerator, denominator] of ``key`` per scored document, in document order, from a results JSON."""
+    record = json.loads(results_file.read_text(encoding="utf-8"))["configs"][task]["longshort"]
+    docs = sorted((d for d in record["documents"] if not d.get("skipped")), key=lambda d: d["doc_index"])
+    return [d["sums"][key] for d in docs]
+
+
+@pytest.mark.slow
+def test_finetune_measures_its_checkpoints_as_one_sweep(assets, tmp_path):
+    out, runs, lengths = tmp_path / "out", ["alpha_0", "alpha_0.1"], [16, 32]
+    done = _cli(
+        *("--steps", "2", "--length", "16", "--eval-docs", "2", "--target-tokens", "4", "--no-base"),
+        *("--eval-lengths", *map(str, lengths), "--output-dir", str(out)),
+        timeout=1500,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    # The sweep: one run per checkpoint, the held-out plays (the corpus's last two of 38), both tasks.
+    sweep = yaml.safe_load((out / "eval" / "finetune_sweep.yaml").read_text(encoding="utf-8"))
+    assert [r["name"] for r in sweep["runs"]] == runs
+    assert [r["model_args"]["pretrained"] for r in sweep["runs"]] == [str((out / n).resolve()) for n in runs]
+    assert sweep["samples"] == [36, 37] and sweep["device"] == "cpu"
+    assert [t["task"] for t in sweep["tasks"]] == ["longshort_ppl_shakespeare", "longshort_misalign_shakespeare"]
+    assert sweep["tasks"][1]["metadata"] == {"mode": "dense", "lengths": lengths, "min_ratio": 0.5, "seed": 1234}
+    assert len(list(csv.DictReader((out / "train_log.csv").open()))) == 4  # 2 steps x 2 alphas
+    # The report's held-out values are the sweep's (values.csv), at the report's 4 decimals.
+    values = {
+        (r["run"], r["task"], r["metric"], r["L"]): (r["value"], r["stderr"])
+        for r in csv.DictReader((out / "eval" / "report" / "values.csv").open())
+    }
+    text = (out / "finetune_regularizer.md").read_text(encoding="utf-8")
+    for run in runs:
+        for n in lengths:
+            cells = [
+                "{:.4f} ± {:.4f}".format(*map(float, values[(run, task, metric, str(n))]))
+                for metric, task in (
+                    ("ppl", "longshort_ppl_shakespeare"),
+                    ("sce", "longshort_misalign_shakespeare"),
+                    ("symkl", "longshort_misalign_shakespeare"),
+                )
+            ]
+            assert f"| {run} | {n} | " + " | ".join(cells) + " |" in text
+    # Paired differences: alpha 0.1 minus alpha 0 on the same documents, from the sums the results hold.
+    files = (out / "eval").rglob("results_*.json")
+    results = {json.loads(f.read_text(encoding="utf-8"))["longshort_sweep"]["run"]: f for f in files}
+    paired = {(r["metric"], int(r["length"])): r for r in csv.DictReader((out / "paired.csv").open())}
+    assert {(r["label"], r["versus"]) for r in paired.values()} == {("alpha_0.1", "alpha_0")}
+    for metric, task, transform in (
+        ("ppl", "longshort_ppl_shakespeare", "exp"),
+        ("sce", "longshort_misalign_shakespeare", "identity"),
+        ("symkl", "longshort_misalign_shakespeare", "identity"),
+    ):
+        for n in lengths:
+            x, y = (_document_sums(results[run], task, f"{metric}@{n}") for run in ("alpha_0.1", "alpha_0"))
+            assert len(x) == len(y) == 2
+            want = aggregate.paired_difference(x, y, transform)
+            row = paired[(metric, n)]
+            assert (float(row["difference"]), float(row["stderr"])) == pytest.approx(want, rel=1e-12, abs=1e-15)

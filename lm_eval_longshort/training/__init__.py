@@ -1,7 +1,10 @@
 """The paper's training regularizer and the `finetune` demonstration.
 
 regularizer  the loss ``L_LM + alpha · L_misalign`` (the dense task's definition) and a Trainer
-finetune     the `finetune` command
+checks       `finetune`'s up-front checks: options, outputs, held-out plays, training windows
+finetune     the `finetune` command: options, training windows, one training per alpha
+evaluation   `finetune`'s evaluation: the base model and the checkpoints as runs of one sweep
+report       `finetune`'s report: training, held-out values, paired differences (compare's)
 
 ``from lm_eval_longshort.training import RegularizerConfig`` works as before. The regularizer's
 names load on first use: the `finetune` command imports this package and must refuse a bad option

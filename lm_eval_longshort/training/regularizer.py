@@ -296,16 +296,3 @@ class MisalignmentTrainer(Trainer):
             self._sums = dict.fromkeys(self._sums, 0.0)
             self._count = 0
         super().log(logs, start_time)
-
-
-__all__ = [
-    "DIVERGENCES",
-    "LossTerms",
-    "MisalignmentTrainer",
-    "RegularizerConfig",
-    "check_model",
-    "check_windows",
-    "default_gap_range",
-    "dense_positions",
-    "regularized_loss",
-]
