@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from itertools import islice
 from pathlib import Path
 
@@ -25,12 +23,11 @@ import pytest
 import torch
 import yaml
 from harness_run import INSTALLED_TASKS, evaluate_tasks, response
-from offline import offline_env
+from sweep_files import run_sweep_cli
 
 from lm_eval_longshort import cli
 
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
-ROOT = Path(__file__).resolve().parents[1]
 # At these settings document 0 has one key token and document 1 none (checked in the test).
 META = {"lengths": [16, 64], "target_tokens": 16}
 
@@ -218,15 +215,7 @@ def test_compare_labels_sweep_runs_by_run_name(assets, tmp_path, capsys):
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False), encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval_longshort.cli", "sweep", str(path), "--output", str(tmp_path / "out")],
-        cwd=ROOT,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    proc = run_sweep_cli(str(path), "--output", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     runs_dir = tmp_path / "out" / "runs"
     files = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in runs_dir.rglob("results_*.json")}

@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import inspect
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-from offline import offline_env
-
-ROOT = Path(__file__).resolve().parents[1]
-LONGSHORT = str(Path(sys.executable).parent / "lm-eval-longshort")
+from sweep_files import run_sweep_cli
 
 HEADER = """\
 name: checks
@@ -35,15 +30,7 @@ def check(tmp_path: Path, text: str) -> list[str]:
     """Run `sweep FILE --check`; it must refuse the file (exit 2, no traceback): its problem lines."""
     path = tmp_path / "sweep.yaml"
     path.write_text(text, encoding="utf-8")
-    proc = subprocess.run(
-        [LONGSHORT, "sweep", str(path), "--check"],
-        cwd=ROOT,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_sweep_cli(str(path), "--check", timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not proc.stdout.strip(), proc.stdout  # no plan printed
