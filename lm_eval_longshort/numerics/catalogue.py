@@ -42,7 +42,9 @@ class Metric:
             empty: always.
         table: in the sweep report's per-length tables (and its scalar table).
         plot: a panel of ``plot`` and of the sweep report's length figures.
-        correlate: correlated with perplexity in the sweep report (and its precision table).
+        correlate: correlated with perplexity in the sweep report (and its precision table);
+            also the misalignment columns of the finetune report.
+        regularizer: a divergence the training regularizer may use (``--divergence``).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Metric:
     table: bool = False
     plot: bool = False
     correlate: bool = False
+    regularizer: bool = False
 
     @property
     def family(self) -> str:
@@ -82,6 +85,7 @@ _ENTRIES = (
         table=True,
         plot=True,
         correlate=True,
+        regularizer=True,
     ),
     Metric(
         "sce",
@@ -93,6 +97,7 @@ _ENTRIES = (
         table=True,
         plot=True,
         correlate=True,
+        regularizer=True,
     ),
     Metric("js", "misalign", True, "Jensen-Shannon divergence", "JS (nats / token)", "lower"),
     Metric("top1", "misalign", True, "Top-1 agreement (long vs short)", "agreement rate", "higher", table=True),
@@ -155,9 +160,11 @@ def metrics(
     table: bool | None = None,
     plot: bool | None = None,
     correlate: bool | None = None,
+    regularizer: bool | None = None,
 ) -> tuple[Metric, ...]:
     """Entries in catalogue order, those matching every filter given (None: any)."""
     wanted = {"per_length": per_length, "table": table, "plot": plot, "correlate": correlate}
+    wanted["regularizer"] = regularizer
     return tuple(
         m
         for m in CATALOGUE.values()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.training import checks
 from lm_eval_longshort.training.checks import Plan
 
@@ -24,7 +25,7 @@ EVAL_FOLDER = "eval"  # the sweep's output folder under --output-dir
 SWEEP_FILE = "finetune_sweep.yaml"
 BASE = "base"
 # Misalignment metrics whose paired differences are taken (perplexity's always are).
-COMPARED = ("sce", "symkl")
+COMPARED = catalogue.names("misalign", correlate=True)
 # Room above the longest input (L + the ladder's W) for the hf backend's max_length.
 LENGTH_MARGIN = 8
 

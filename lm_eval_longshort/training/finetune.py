@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.training import checks, evaluation, report
 from lm_eval_longshort.training.checks import Plan
 
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, metavar="OUT.md", help="also write the Markdown report here")
     parser.add_argument("--length", type=int, default=64, help="training length L (default: %(default)s)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1], help="default: %(default)s")
-    parser.add_argument("--divergence", choices=("sce", "symkl"), default="sce", help="default: %(default)s")
+    choices = catalogue.names("misalign", regularizer=True)
+    parser.add_argument("--divergence", choices=choices, default="sce", help="default: %(default)s")
     parser.add_argument("--min-ratio", type=float, default=0.5, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per alpha (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default: %(default)s)")

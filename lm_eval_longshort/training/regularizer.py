@@ -31,15 +31,14 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from lm_eval_longshort.numerics import divergences
+from lm_eval_longshort.numerics import catalogue, divergences
 from lm_eval_longshort.protocols.misalignment import dense_positions as mis_dense_positions
 from lm_eval_longshort.protocols.misalignment import max_gap
 from lm_eval_longshort.protocols.settings import MisalignSettings
 
 # The divergences the term may use: the very functions the misalignment tasks report.
 DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "sce": divergences.sce,
-    "symkl": divergences.symkl,
+    name: getattr(divergences, name) for name in catalogue.names("misalign", regularizer=True)
 }
 DETACH_SIDES = (None, "long", "short")
 

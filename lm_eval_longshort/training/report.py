@@ -13,10 +13,11 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.training.checks import MIS_TASK, PPL_TASK, Plan
 
 # The metrics the report tabulates, and the task measuring each.
-METRICS = (("ppl", PPL_TASK), ("sce", MIS_TASK), ("symkl", MIS_TASK))
+METRICS = (("ppl", PPL_TASK), *((m, MIS_TASK) for m in catalogue.names("misalign", correlate=True)))
 REPORT_NAME = "finetune_regularizer.md"
 HEAD_STEPS = 5  # the training table averages the first / last this many logged steps
 
