@@ -347,8 +347,7 @@ def load_finished(sweep: Sweep, layout: Layout) -> report.SweepRuns:
         for run in sweep.runs
         if not layout.results(run.name) and layout.failure(run.name)
     }
-    pending = [run.name for run in sweep.runs if not layout.results(run.name) and run.name not in failed]
-    return report.SweepRuns(runs, failed, pending)
+    return report.SweepRuns(runs, failed)
 
 
 def write_sweep_report(sweep: Sweep, layout: Layout) -> Path | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,14 +148,11 @@ class SweepRuns:
 
     Attributes:
         runs: the finished runs, loaded, labelled by run name, in sweep order.
-        failed: {run name: its error} of the runs that failed.
-        pending: not read by the report (a run neither finished nor failed is "not run yet");
-            kept only while sweep/execute.py still passes it.
+        failed: {run name: its error} of the runs that failed (a run in neither is "not run yet").
     """
 
     runs: list[Run]
     failed: dict[str, str]
-    pending: list[str] = field(default_factory=list)
 
 
 def _kind_tasks(runs: Sequence[Run], kind: str) -> list[str]:
