@@ -166,11 +166,10 @@ def task_texts(task, metadata: dict) -> tuple[str, ...] | None:
     """A task's document texts in order, when its loader reads local files only; else None."""
     if task.yaml_path is None:
         return None
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     from lm_eval_longshort.harness.datasets import LOADER_KEYS
+    from lm_eval_longshort.sweep.spec import task_yaml
 
-    config = load_yaml(task.yaml_path, resolve_func=True)
+    config = task_yaml(task.yaml_path)
     loader = config.get("custom_dataset")
     name = getattr(loader, "__name__", "")
     if getattr(loader, "__module__", "") != "lm_eval_longshort.harness.datasets" or name not in LOCAL_LOADERS:

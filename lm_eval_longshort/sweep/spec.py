@@ -75,9 +75,7 @@ class TaskSpec:
         with its own metadata), built from the registered YAML as lm-eval's factory would."""
         if self.name == self.source and not self.metadata:
             return self.name
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        config = copy.deepcopy(load_yaml(self.yaml_path, resolve_func=True))
+        config = task_yaml(self.yaml_path)
         config["task"] = self.name
         config["metadata"] = {**(config.get("metadata") or {}), **self.metadata}
         return config
@@ -228,14 +226,18 @@ def _task_manager(metadata: dict, names: Iterable[str]):
     return _MANAGERS[key]
 
 
+def task_yaml(yaml_path: Path) -> dict:
+    """A registered task's YAML as lm-eval's factory reads it (functions resolved): a fresh copy."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return copy.deepcopy(load_yaml(yaml_path, resolve_func=True))
+
+
 def _task_kind(yaml_path: Path | None) -> str | None:
     """ "ppl" / "misalign" for a longshort task YAML (its class's KIND), else None."""
     if yaml_path is None:
         return None
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    cls = load_yaml(yaml_path, resolve_func=True).get("class")
-    return getattr(cls, "KIND", None) or None
+    return getattr(task_yaml(yaml_path).get("class"), "KIND", None) or None
 
 
 def _parse_task(entry: Any, index, problems: list[str], i: int) -> TaskSpec | None:
