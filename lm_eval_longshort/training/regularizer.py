@@ -34,6 +34,7 @@ from transformers import Trainer
 from lm_eval_longshort.numerics import catalogue, divergences
 from lm_eval_longshort.protocols.misalignment import dense_positions as mis_dense_positions
 from lm_eval_longshort.protocols.misalignment import max_gap
+from lm_eval_longshort.protocols.requests import with_bos as _with_bos
 from lm_eval_longshort.protocols.settings import MisalignSettings
 
 # The divergences the term may use: the very functions the misalignment tasks report.
@@ -161,12 +162,6 @@ def check_windows(n_tokens: int, config: RegularizerConfig, gap: int | None = No
             f"training windows have {n_tokens} tokens, but L + {what} needs {need}: make windows of "
             f"{need} tokens (RegularizerConfig.window_tokens) or lower length / the gap range"
         )
-
-
-def _with_bos(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
-    if bos is None:
-        return ids
-    return torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
