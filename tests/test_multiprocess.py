@@ -73,7 +73,8 @@ def test_two_cpu_processes_give_the_same_aggregates(tmp_path):
                 assert two["results"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
                 compared.add(key.split(",")[0])
             if key.endswith("_stderr,none") and isinstance(value, float):  # gathered over ranks too
-                assert two["results"][task][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+                # NaN where a standard error is undefined (keyppl with key tokens in one document)
+                assert two["results"][task][key] == pytest.approx(value, rel=1e-4, abs=1e-7, nan_ok=True), key
         # Rank 0 records every rank's documents in the results JSON.
         info_one, info_two = one["configs"][task]["longshort"], two["configs"][task]["longshort"]
         assert info_two["measured"] == info_one["measured"]
