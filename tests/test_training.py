@@ -342,15 +342,16 @@ def test_finetune_measures_its_checkpoints_as_one_sweep(assets, tmp_path):
         for r in csv.DictReader((out / "eval" / "report" / "values.csv").open())
     }
     text = (out / "finetune_regularizer.md").read_text(encoding="utf-8")
+    # Each cell sits under its own column's name (a header out of step with its cells was a bug).
+    header = next(line for line in text.splitlines() if line.startswith("| model | L |"))
+    columns = [c.strip().removesuffix("@L") for c in header.strip("|").split("|")][2:]
+    assert sorted(columns) == ["ppl", "sce", "symkl"]
+    task_of = {"ppl": "longshort_ppl_shakespeare", "sce": "longshort_misalign_shakespeare"}
     for run in runs:
         for n in lengths:
             cells = [
-                "{:.4f} ± {:.4f}".format(*map(float, values[(run, task, metric, str(n))]))
-                for metric, task in (
-                    ("ppl", "longshort_ppl_shakespeare"),
-                    ("sce", "longshort_misalign_shakespeare"),
-                    ("symkl", "longshort_misalign_shakespeare"),
-                )
+                "{:.4f} ± {:.4f}".format(*map(float, values[(run, task_of.get(m, task_of["sce"]), m, str(n))]))
+                for m in columns
             ]
             assert f"| {run} | {n} | " + " | ".join(cells) + " |" in text
     # Paired differences: alpha 0.1 minus alpha 0 on the same documents, from the sums the results hold.
@@ -369,3 +370,12 @@ def test_finetune_measures_its_checkpoints_as_one_sweep(assets, tmp_path):
             want = aggregate.paired_difference(x, y, transform)
             row = paired[(metric, n)]
             assert (float(row["difference"]), float(row["stderr"])) == pytest.approx(want, rel=1e-12, abs=1e-15)
+    # The report's differences table: each paired difference under its own column's name.
+    header = next(line for line in text.splitlines() if line.startswith("| difference | L |"))
+    columns = [c.strip().removeprefix("Δ").removesuffix("@L") for c in header.strip("|").split("|")][2:]
+    for n in lengths:
+        cells = [
+            "{:+.4f} ± {:.4f}".format(*map(float, (paired[(m, n)]["difference"], paired[(m, n)]["stderr"])))
+            for m in columns
+        ]
+        assert f"| alpha_0.1 − alpha_0 | {n} | " + " | ".join(cells) + " |" in text

@@ -96,7 +96,8 @@ def _training_section(trained: dict) -> list[str]:
 
 def _values_section(runs: list, lengths: list[int]) -> list[str]:
     """A row per (model, L): each metric ± its standard error."""
-    lines = ["## Held-out plays", "", "| model | L | ppl@L | sce@L | symkl@L |", "|---|---:|---:|---:|---:|"]
+    header = " | ".join(f"{m}@L" for m, _ in METRICS)
+    lines = ["## Held-out plays", "", f"| model | L | {header} |", "|---|---:|" + "---:|" * len(METRICS)]
     for run in runs:
         for n in lengths:
             cells = [_with_error(run.value(task, m, n), run.error(task, m, n)) for m, task in METRICS]
@@ -106,11 +107,12 @@ def _values_section(runs: list, lengths: list[int]) -> list[str]:
 
 def _differences_section(differences: list, lengths: list[int]) -> list[str]:
     """A row per (x − y, L): each metric's paired difference ± its paired standard error."""
+    header = " | ".join(f"Δ{m}@L" for m, _ in METRICS)
     lines = [
         "## Paired differences (same documents; ± paired standard error)",
         "",
-        "| difference | L | Δppl@L | Δsce@L | Δsymkl@L |",
-        "|---|---:|---:|---:|---:|",
+        f"| difference | L | {header} |",
+        "|---|---:|" + "---:|" * len(METRICS),
     ]
     by = {(d.label, d.versus, d.length, d.metric): (d.difference, d.stderr) for d in differences}
     for x, y in dict.fromkeys((d.label, d.versus) for d in differences):
