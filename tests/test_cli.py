@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness_run import task_manager
 from offline import offline_env
 from reference import plain_nll, plain_token_logprobs
 
@@ -126,17 +127,17 @@ def _doc_ids(tokenizer, text: str) -> list[int]:
 # --------------------------------------------------------------------------- lm_eval ls
 
 
-def test_ls_tasks_lists_installed_tasks_and_groups():
-    proc = _run([LM_EVAL, "ls", "tasks"])
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) >= 3 and cells[1]:
-            rows.setdefault(cells[1], cells[2])
+def test_installed_tasks_and_groups_are_in_lm_evals_default_index():
+    """The index `lm_eval --tasks` and `lm_eval ls tasks` build (TaskManager() with lm-eval's defaults,
+    no --include_path) holds our tasks and groups from lm-eval's own task folder. In-process: the
+    suite builds that index once (tests/harness_run.py), where a subprocess would spend ~30 s on it."""
+    index = task_manager().task_index
     for name in (PPL, MIS, "longshort_ppl", GROUP, "longshort"):
-        assert name in rows, f"{name} missing from `lm_eval ls tasks`"
+        assert name in index, f"{name} missing from lm-eval's task index"
         # found without --include_path: the installed YAML sits in lm-eval's own task folder
-        assert rows[name] == f"lm_eval/tasks/longshort/{name}.yaml", rows[name]
+        path = Path(index[name].yaml_path).as_posix()
+        assert path.endswith(f"lm_eval/tasks/longshort/{name}.yaml"), path
+    assert index[GROUP].kind.name == "GROUP" and index[PPL].kind.name == "PY_TASK"  # `class:` in the YAML
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness_run import evaluate, metric
+from harness_run import evaluate, evaluate_tasks, metric
 from reference import weight_files_sha256
 from vllm_helpers import in_process_vllm, lm_eval_cli_vllm, logged_response
 
@@ -42,14 +42,16 @@ def engine_args(model_dir) -> dict:
         dtype="float32",
         max_model_len=MAX_MODEL_LEN,
         max_logprobs=-1,
-        gpu_memory_utilization=0.3,
+        gpu_memory_utilization=0.1,  # of RAM on the CPU build: room for another test file beside it
         enforce_eager=True,
     )
 
 
 @pytest.fixture(scope="module")
 def vllm_lm(assets):
-    with in_process_vllm(**engine_args(assets.model_dir)) as lm:
+    # seed=0: an engine seed unlike the misalignment default (it does not affect scoring), for the
+    # test that the task refuses it when lm-eval copies it into the task metadata.
+    with in_process_vllm(**engine_args(assets.model_dir), seed=0) as lm:
         yield lm
 
 
@@ -250,6 +252,21 @@ def test_length_beyond_max_model_len_names_the_fix(vllm_lm, task, meta, needed):
     assert f"needs {needed} input tokens" in message and f"max_model_len={MAX_MODEL_LEN}" in message, message
     assert f"use max_model_len={needed + 1} or more" in message, message
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in message and "hf_overrides" in message, message
+
+
+def test_engine_seed_copied_into_task_metadata_is_refused(vllm_lm):
+    """``lm_eval --model vllm --model_args ...,seed=0``: lm-eval's CLI sets the task metadata to
+    ``model_args | metadata`` (lm_eval/config/evaluate_config.py), so ``seed`` is both the engine's
+    and the misalignment draws'. The task refuses before scoring and says how to set its seed."""
+    assert vllm_lm.model_args["seed"] == 0
+    metadata = {**engine_args("unused"), "seed": 0} | {"lengths": [32], "pairs": 2}
+    with pytest.raises(ValueError) as info:
+        evaluate_tasks(vllm_lm, [MIS], metadata)
+    message = str(info.value)
+    assert "seed=0 is also the vLLM engine's seed" in message and "--metadata '{\"seed\": N}'" in message, message
+    # The task's default seed (not the engine's) is not refused: only the copied value is.
+    got = evaluate_tasks(vllm_lm, [MIS], {"lengths": [32], "pairs": 2})["results"][MIS]
+    assert math.isfinite(got["symkl@32,none"])
 
 
 def test_data_parallel_is_refused_with_the_alternatives():
