@@ -157,28 +157,12 @@ class _LongShortTask(ConfigurableTask):
 
     def aggregation(self) -> dict:
         """{metric key: aggregation} for every catalogue metric this task's kind and settings report."""
-        variant = self.settings.protocol if self.KIND == "ppl" else self.settings.mode
-        aggs = {}
-        for metric in catalogue.metrics():
-            if metric.kind not in (self.KIND, None) or (metric.only and variant not in metric.only):
-                continue
-            function = self._aggregator(metric)
-            lengths = self.settings.lengths if metric.per_length else [None]
-            aggs.update({key(metric.name, n): function for n in lengths})
-        return aggs
-
-    def _aggregator(self, metric: catalogue.Metric):
-        """How documents combine into ``metric`` (its standard error travels as ``fn.stderr``)."""
-        if metric.name in _SPECIAL:
-            return _SPECIAL[metric.name]
-        if metric.pool == "documents":
-            return self._collect_documents
-        return {"max": aggregate.maximum, "count": aggregate.count}.get(metric.pool) or _RATIO[metric.transform]
+        return aggregations(self.KIND, self.settings, documents=self._collect_documents)
 
     def _collect_documents(self, records: list[dict]) -> int:
         """Keep every document's record for the results JSON; the metric is the number scored."""
         self._documents = sorted(records, key=lambda r: r["doc_index"])
-        return sum(1 for r in records if not r["skipped"])
+        return scored_documents(records)
 
     def higher_is_better(self) -> dict:
         return {name: catalogue.get(catalogue.parse_key(name)[0]).higher_is_better for name in self.aggregation()}
@@ -186,7 +170,6 @@ class _LongShortTask(ConfigurableTask):
     def dump_config(self) -> dict:
         """lm-eval's config dump plus ``longshort``: what was measured, on which documents, by which engine."""
         config = super().dump_config()
-        scored = [(r["doc_index"], r["sha1"]) for r in self._documents if not r["skipped"]]
         settings = measured_settings(self.settings)
         config["longshort"] = {
             "format": 1,
@@ -196,13 +179,69 @@ class _LongShortTask(ConfigurableTask):
                 "task": self.config.task,
                 **settings,
                 "data": self.data_keys,
-                "documents": hashlib.sha1(json.dumps(scored).encode()).hexdigest(),
+                "documents": documents_digest(self._documents),
             },
             "documents": self._documents,
             "engine": lm_method.ENGINES_BY_TASK.get(self.config.task),
             "stderr": "delta",
         }
         return config
+
+
+def aggregations(kind: str, settings, documents=None) -> dict:
+    """{metric key: aggregation} for every catalogue metric a task of ``kind`` with ``settings`` reports.
+
+    The one mapping from metrics to aggregation functions (each carrying its standard error as
+    ``fn.stderr``), used by the tasks and by the assembly of a sharded run's results
+    (sweep/assemble.py). ``documents``: the aggregation of the ``documents`` pool (a task's keeps
+    every document's record; by default the number scored).
+    """
+    variant = settings.protocol if kind == "ppl" else settings.mode
+    aggs = {}
+    for metric in catalogue.metrics():
+        if metric.kind not in (kind, None) or (metric.only and variant not in metric.only):
+            continue
+        function = (documents or scored_documents) if metric.pool == "documents" else _aggregator(metric)
+        lengths = settings.lengths if metric.per_length else [None]
+        aggs.update({key(metric.name, n): function for n in lengths})
+    return aggs
+
+
+def _aggregator(metric: catalogue.Metric):
+    """How documents combine into ``metric`` (not the ``documents`` pool: see ``aggregations``)."""
+    if metric.name in _SPECIAL:
+        return _SPECIAL[metric.name]
+    return {"max": aggregate.maximum, "count": aggregate.count}.get(metric.pool) or _RATIO[metric.transform]
+
+
+def scored_documents(records: list[dict]) -> int:
+    """The number of documents scored (not skipped), from their records."""
+    return sum(1 for r in records if not r["skipped"])
+
+
+def documents_digest(records: list[dict]) -> str:
+    """``measured.documents``: the sha1 of the scored documents' (doc_index, text sha1), in doc_index order."""
+    scored = [(r["doc_index"], r["sha1"]) for r in sorted(records, key=lambda r: r["doc_index"]) if not r["skipped"]]
+    return hashlib.sha1(json.dumps(scored).encode()).hexdigest()
+
+
+def document_values(record: dict, aggs: dict) -> dict:
+    """What ``process_results`` gave for one document, rebuilt from its record (for the metrics
+    of ``aggs``): a scored document's (numerator, denominator) sums, None for every metric of a
+    skipped one, the skipped flag, the record itself. Metrics pooled by maximum (the
+    ``approximate`` flag) are not recorded per document and are left out.
+    """
+    skipped = bool(record["skipped"])
+    values = {}
+    for name in aggs:
+        pool = catalogue.get(catalogue.parse_key(name)[0]).pool
+        if pool == "documents":
+            values[name] = record
+        elif pool == "count":
+            values[name] = int(skipped)
+        elif pool == "ratio" and (skipped or name in record["sums"]):
+            values[name] = None if skipped else tuple(record["sums"][name])
+    return values
 
 
 def _data_keys(config: dict, metadata: dict) -> dict:
