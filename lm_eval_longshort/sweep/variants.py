@@ -202,12 +202,15 @@ class Variant:
         return _deep_merge(self.base_config(), self.overrides)
 
     def materialise(self, folder: str | Path) -> Path:
-        """Write the variant folder once (atomically: built beside it, then renamed into place)."""
+        """Write the variant folder once (atomically: built beside it, then renamed into place).
+
+        Workers computing pieces of one sharded run may materialise it at the same moment: each
+        builds its own copy, the first rename wins, and the others keep the (identical) winner.
+        """
         folder = Path(folder)
-        marker = folder / MARKER
-        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == self.describe():
+        if self._written(folder):
             return folder
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for item in sorted(self.base.iterdir()):
@@ -221,10 +224,20 @@ class Variant:
             else:
                 shutil.copy2(item, target)
         (tmp / MARKER).write_text(json.dumps(self.describe(), indent=2), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if folder.exists() and not self._written(folder):
+            shutil.rmtree(folder)  # another variant's folder
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another worker put its copy in place meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self._written(folder):
+                raise
         return folder
+
+    def _written(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this variant (its marker names these overrides)."""
+        marker = folder / MARKER
+        return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == self.describe()
 
 
 def make_variant(model: str, rope: dict | None = None, overrides: dict | None = None) -> Variant:
