@@ -4,6 +4,8 @@ spec      read the sweep YAML, apply --quick, validate everything before any mod
 checks    the validation rules spec applies (model arguments, documents, names, numbers)
 variants  a base model folder + config overrides (RoPE scaling) -> a loadable model folder
 claims    one worker per run across processes and hosts sharing the output folder
+shards    `shards: K`: a run's documents in K pieces that workers claim like runs
+assemble  a sharded run's results JSON from its pieces' per-document sums
 execute   one run at a time through lm_eval.simple_evaluate; skip finished, claim, resume, record failures
 report    Markdown tables ± standard errors, correlations across runs, PNG plots, CSV
 """
@@ -56,9 +58,13 @@ def _print_plan(sweep: Sweep) -> None:
         extra = f" (from {task.source}, {task.metadata})" if task.name != task.source or task.metadata else ""
         print(f"  task {task.name}{extra}")
     print(f"  metadata {sweep.metadata}; documents {list(sweep.samples) if sweep.samples else f'limit {sweep.limit}'}")
+    from lm_eval_longshort.sweep import shards
+
     for run in sweep.runs:
         variant = f" + {run.variant.overrides}" if run.variant else ""
         print(f"  run {run.name}: {run.backend} {run.model_args}{variant}")
+        if run.shards > 1:
+            print(f"    {shards.describe(shards.works(sweep, run))}")
 
 
 def _worker_devices(args: argparse.Namespace) -> list[list[str]] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from lm_eval_longshort.sweep import checks
+from lm_eval_longshort.sweep import checks, shards
 from lm_eval_longshort.sweep.spec import RunSpec, Sweep
 
 
@@ -72,14 +72,8 @@ def _model_folder(run: RunSpec) -> str:
     return str(run.variant.base if run.variant is not None else run.model_args.get("pretrained"))
 
 
-def _selected(sweep: Sweep, n_docs: int) -> list[int]:
-    if sweep.samples is not None:
-        return [i for i in sweep.samples if i < n_docs]
-    return list(range(n_docs if sweep.limit is None else min(n_docs, sweep.limit)))
-
-
-def run_bill(sweep: Sweep, run: RunSpec) -> RunBill:
-    """The input tokens ``run`` will read, per task."""
+def run_bill(sweep: Sweep, run: RunSpec, documents: dict[str, tuple[int, ...]] | None = None) -> RunBill:
+    """The input tokens ``run`` will read, per task (``documents``: only these, per task: a piece's)."""
     from lm_eval_longshort.harness.datasets import DATASET_KEYS
     from lm_eval_longshort.protocols.base import Document
     from lm_eval_longshort.protocols.runner import protocol_for, resolve_bos, tokenize
@@ -96,7 +90,8 @@ def run_bill(sweep: Sweep, run: RunSpec) -> RunBill:
         settings = parse_settings(task.kind, given, other_keys={"data keys": DATASET_KEYS})
         protocol, bos = protocol_for(settings), resolve_bos(tokenizer, settings.add_bos)
         tokens = scored = 0
-        for index in _selected(sweep, len(texts)):
+        chosen = documents[task.name] if documents else shards.selected(sweep.samples, sweep.limit, len(texts))
+        for index in chosen:
             ids = tokenize(tokenizer, texts[index])
             if len(ids) >= protocol.needed_tokens(index):
                 asked = protocol.requests(Document(index, "", texts[index]), ids, bos, facts)

@@ -1,23 +1,27 @@
-"""Running a sweep: one run at a time per worker through ``lm_eval.simple_evaluate``, restartable,
-shareable by several workers on one output folder.
+"""Running a sweep: one run (or shard of a run) at a time per worker through
+``lm_eval.simple_evaluate``, restartable, shareable by several workers on one output folder.
 
 Output folder layout (``--output DIR``)::
 
     runs/<run>/plan.json           what the run computes (for people; the plan that counts is in the results)
     runs/<run>/results_<date>.json lm-eval's results JSON with the run's plan; its presence means finished
     runs/<run>/failed.json         the error of the last failed attempt
-    claims/<run>.claim             the worker computing the run now (sweep/claims.py)
+    runs/<run>/shards/<i>of<K>/    a shard of a run with ``shards: K``: the same three files, its own plan
+    claims/<run>.claim             the worker computing the run now (sweep/claims.py), or assembling its shards
+    claims/<run>.shard<i>of<K>.claim   the worker computing shard i of K
     models/<run>/                  the variant folder (config.json + linked weights), if derived
     cache/<run>_rank0.db           lm-eval's --use_cache file: resume chunk by chunk
+    cache/<run>.shard<i>of<K>_rank0.db   shard i's
     .partial/<run>/                where lm-eval writes before the results are moved into place
     report/                        report.md, values.csv, correlations.csv, *.png
-    sweep_status.json              per run: status, seconds, error (times live here, not in the report)
+    sweep_status.json              per run (and shard): status, seconds, error (times live here, not in the report)
 
 A run is finished only when its results file was renamed into ``runs/<run>/`` (written
 completely elsewhere first) and the plan recorded in it is this sweep's. A worker claims a run
-before computing it; other workers skip it, or take it over when the holder is gone, resuming
-from its cache. A run that raises is recorded as failed and the worker goes on with the next one;
-the worker that leaves nothing unfinished writes the report.
+(or a shard) before computing it; other workers skip it, or take it over when the holder is
+gone, resuming from its cache. The worker that finds every shard of a run finished assembles the
+run's results from them (sweep/assemble.py). Work that raises is recorded as failed and the
+worker goes on with the next; the worker that leaves nothing unfinished writes the report.
 """
 
 from __future__ import annotations
@@ -27,75 +31,36 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm_eval_longshort.sweep import claims, report
-from lm_eval_longshort.sweep.folder import RESULTS_GLOB, Layout, check_output, foreign_work, plan_digest
+from lm_eval_longshort.sweep import assemble, claims, report, shards
+from lm_eval_longshort.sweep.folder import (
+    RESULTS_GLOB,
+    Layout,
+    check_output,
+    foreign_work,
+    newest_results,
+    plan_digest,
+    recorded_failure,
+    run_failure,
+    write_status,
+)
+from lm_eval_longshort.sweep.progress import Progress, duration
+from lm_eval_longshort.sweep.shards import Work
 from lm_eval_longshort.sweep.spec import RunSpec, Sweep
 
-HEARTBEAT_S = 60.0
 POLL_S = float(os.environ.get("LONGSHORT_SWEEP_POLL_S", "10"))  # how often a waiting worker looks again
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-@dataclass
-class Progress:
-    """Per-run and overall progress lines with time estimates (mean of the runs scored so far)."""
-
-    write: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
-    durations: list[float] = field(default_factory=list)
-    start: float = field(default_factory=time.monotonic)
-
-    def say(self, text: str) -> None:
-        self.write(f"[sweep] {text}")
-
-    def estimate(self, remaining: int) -> str:
-        if not self.durations:
-            return "estimate after the first run"
-        mean = sum(self.durations) / len(self.durations)
-        return f"about {_duration(mean * remaining)} left for {remaining} run(s)"
-
-    def expected(self) -> float | None:
-        return sum(self.durations) / len(self.durations) if self.durations else None
-
-    @contextmanager
-    def heartbeat(self, label: str):
-        """Print ``label: running for ...`` every HEARTBEAT_S seconds while the block runs."""
-        stop = threading.Event()
-        began = time.monotonic()
-
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT_S):
-                expected = self.expected()
-                hint = f" (runs so far took {_duration(expected)} on average)" if expected else ""
-                self.say(f"{label}: running for {_duration(time.monotonic() - began)}{hint}")
-
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=1)
 
 
 # --------------------------------------------------------------------------- one run
 
 
-def evaluate_run(sweep: Sweep, run: RunSpec, layout: Layout, claim: claims.Claim | None = None) -> Path:
-    """Evaluate one run with lm-eval's API and its EvaluationTracker; the results JSON's final path.
+def evaluate_run(sweep: Sweep, work: Work, layout: Layout, claim: claims.Claim | None = None) -> Path:
+    """Evaluate one run, or one shard of a run, with lm-eval's API and its EvaluationTracker; the
+    results JSON's final path.
 
     With a ``claim``, the results are moved into place only while the claim is still this
     worker's (a worker that stalled past the heartbeat limit lost its run to another)."""
@@ -104,21 +69,22 @@ def evaluate_run(sweep: Sweep, run: RunSpec, layout: Layout, claim: claims.Claim
 
     from lm_eval_longshort.harness.resume import check_cache_file
 
+    run = work.run
     model_args = dict(run.model_args)
     if run.variant is not None:
         model_args["pretrained"] = str(run.variant.materialise(layout.model_dir(run.name)).resolve())
-    partial = layout.partial_dir(run.name)
+    partial = layout.partial_dir(work.key)
     shutil.rmtree(partial, ignore_errors=True)
-    layout.cache(run.name).parent.mkdir(parents=True, exist_ok=True)
-    check_cache_file(f"{layout.cache(run.name)}_rank0.db")  # lm-eval would fail on it with a bare traceback
+    layout.cache(work.key).parent.mkdir(parents=True, exist_ok=True)
+    check_cache_file(f"{layout.cache(work.key)}_rank0.db")  # lm-eval would fail on it with a bare traceback
     tracker = EvaluationTracker(output_path=str(partial))
     results = lm_eval.simple_evaluate(
         model=run.backend,
         model_args=model_args,
         tasks=[t.lm_eval_spec() for t in sweep.tasks],
-        samples=sweep.samples_by_task(),
-        limit=sweep.limit,
-        use_cache=str(layout.cache(run.name)),
+        samples=work.samples(sweep),
+        limit=work.limit(sweep),
+        use_cache=str(layout.cache(work.key)),
         bootstrap_iters=sweep.bootstrap_iters,
         device=sweep.resolved_device(),
         evaluation_tracker=tracker,
@@ -128,24 +94,24 @@ def evaluate_run(sweep: Sweep, run: RunSpec, layout: Layout, claim: claims.Claim
     )
     if results is None:
         raise RuntimeError("lm-eval returned no results (this process is not rank 0)")
-    results["longshort_sweep"] = {"sweep": sweep.name, "run": run.name, "plan": sweep.run_plan(run)}
+    results["longshort_sweep"] = {"sweep": sweep.name, "run": run.name, "plan": work.plan(sweep)}
     tracker.save_results_aggregated(results=results, samples=None)
     written = sorted(partial.rglob(RESULTS_GLOB))
     if not written:
         raise RuntimeError(f"lm-eval did not write a results file under {partial} (see its log above)")
     if claim is not None and not claim.held():
         shutil.rmtree(partial, ignore_errors=True)
-        holder = claims.describe(layout.claim(run.name))
-        raise RuntimeError(f"run {run.name} was taken over by {holder} after this worker stalled")
-    final = layout.run_dir(run.name) / written[-1].name
-    os.replace(written[-1], final)  # atomic: from here on the run counts as finished
+        holder = claims.describe(layout.claim(work.key))
+        raise RuntimeError(f"run {run.name}{work.label} was taken over by {holder} after this worker stalled")
+    final = layout.work_dir(work) / written[-1].name
+    os.replace(written[-1], final)  # atomic: from here on the run (or shard) counts as finished
     shutil.rmtree(partial, ignore_errors=True)
     return final
 
 
-def _record_failure(layout: Layout, run: RunSpec, exc: BaseException) -> str:
+def _record_failure(layout: Layout, work: Work, exc: BaseException) -> str:
     error = f"{type(exc).__name__}: {exc}"
-    (layout.run_dir(run.name) / "failed.json").write_text(
+    (layout.work_dir(work) / "failed.json").write_text(
         json.dumps({"error": error, "traceback": traceback.format_exc()}, indent=2), encoding="utf-8"
     )
     return error
@@ -168,59 +134,50 @@ def _release_memory() -> None:
 
 @dataclass
 class SweepOutcome:
+    """What one worker did: ``finished`` (runs and shards, by key) it scored, ``skipped`` (finished
+    elsewhere or before), ``failed`` ({key: error}; a sharded run with a failed shard is failed too),
+    and the sharded runs it ``assembled``."""
+
     report: Path | None
     finished: list[str]
     failed: dict[str, str]
     skipped: list[str]
+    assembled: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
 
-def _status(layout: Layout, sweep: Sweep, seconds: dict[str, float]) -> None:
-    status = {}
-    for run in sweep.runs:
-        state = "finished" if layout.results(run.name) else "failed" if layout.failure(run.name) else "pending"
-        status[run.name] = {
-            "status": state,
-            "seconds_this_session": seconds.get(run.name),
-            "error": layout.failure(run.name) if state == "failed" else None,
-        }
-    path = layout.root / "sweep_status.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
-    os.replace(tmp, path)  # several workers write it: each write whole
-
-
-def _throughput(sweep: Sweep, run: RunSpec, seconds: float) -> str:
-    """`` (N input tokens, R tokens/s)`` for a finished run, from its bill ('' when not countable)."""
+def _throughput(sweep: Sweep, work: Work, seconds: float) -> str:
+    """`` (N input tokens, R tokens/s)`` for a finished run or shard, from its bill ('' when not countable)."""
     from lm_eval_longshort.sweep import bill
 
     try:
-        tokens = bill.run_bill(sweep, run).tokens
+        tokens = bill.run_bill(sweep, work.run, work.documents).tokens
     except Exception:  # noqa: BLE001 - a progress line must never fail a finished run
         return ""
     return f" ({tokens:,} input tokens, {tokens / max(seconds, 1e-9):,.0f} tokens/s)" if tokens else ""
 
 
-def _failed_since(layout: Layout, name: str, since: float) -> bool:
-    """True when a worker recorded this run's failure after this worker started."""
-    path = layout.run_dir(name) / "failed.json"
+def _failed_since(folder: Path, since: float) -> bool:
+    """True when a worker recorded this run's (or shard's) failure after this worker started."""
+    path = folder / "failed.json"
     return path.is_file() and path.stat().st_mtime >= since
 
 
-def _claim_run(sweep: Sweep, run: RunSpec, layout: Layout) -> claims.Claim | None:
-    """This worker's claim on an unfinished run, or None (finished meanwhile, or another worker has it).
+def _claim(sweep: Sweep, work: Work, layout: Layout) -> claims.Claim | None:
+    """This worker's claim on an unfinished run or shard, or None (finished meanwhile, or another
+    worker has it). A sharded run's own claim is held while its shards are assembled.
 
-    Checked again once claimed: a run may have finished between the first look and the claim,
+    Checked again once claimed: the work may have finished between the first look and the claim,
     and another plan's worker may have started beside this one (then both stop, mixing nothing).
     """
-    layout.run_dir(run.name).mkdir(parents=True, exist_ok=True)
-    claim = claims.try_claim(layout.claim(run.name), plan=plan_digest(sweep.run_plan(run)))
+    layout.work_dir(work).mkdir(parents=True, exist_ok=True)
+    claim = claims.try_claim(layout.claim(work.key), plan=plan_digest(work.plan(sweep)))
     if claim is None:
         return None
-    if layout.results(run.name):
+    if newest_results(layout.work_dir(work)):
         claim.release()
         return None
     problems = foreign_work(sweep, layout)
@@ -241,65 +198,113 @@ class _Worker:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    assembled: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     announced: set[str] = field(default_factory=set)
+    works: dict[str, list[Work]] = field(default_factory=dict)  # per run: itself, or its shards
 
-    def settled(self, name: str) -> bool:
-        return name in self.finished or name in self.skipped or name in self.failed
+    def __post_init__(self) -> None:
+        sharded = any(run.shards > 1 for run in self.sweep.runs)
+        documents = shards.run_documents(self.sweep) if sharded else None
+        self.works = {run.name: shards.works(self.sweep, run, documents) for run in self.sweep.runs}
+        self.unit = "run(s) or shard(s)" if sharded else "run(s)"
 
-    def visit(self, i: int, run: RunSpec) -> str:
-        """Settle a run if possible: 'done' (now or before), 'scored' (by this worker), 'held' (elsewhere)."""
-        label, layout = f"run {i}/{len(self.sweep.runs)} {run.name}", self.layout
-        if layout.results(run.name):
-            self.skipped.append(run.name)
-            how = "finished by another worker" if run.name in self.announced else "already finished"
-            self.progress.say(f"{label}: {how}, skipped ({layout.results(run.name).name})")
+    def settled(self, key: str) -> bool:
+        return key in self.finished or key in self.skipped or key in self.failed or key in self.assembled
+
+    def left(self) -> int:
+        """Runs and shards not settled yet (a sharded run counts its shards)."""
+        return sum(not self.settled(w.key) for pieces in self.works.values() for w in pieces)
+
+    def visit(self, i: int, run: RunSpec) -> set[str]:
+        """Settle a run if possible; what happened to its work: 'done' (now or before), 'scored'
+        (by this worker), 'held' (elsewhere)."""
+        label, pieces = f"run {i}/{len(self.sweep.runs)} {run.name}", self.works[run.name]
+        if pieces[0].count == 1:
+            return {self._visit_work(label, pieces[0])}
+        if self.layout.results(run.name):
+            return {self._visit_work(label, Work(run))}  # assembled before: skipped
+        states = {self._visit_work(label + w.label, w) for w in pieces if not self.settled(w.key)}
+        if "held" in states:
+            return states
+        failed = [w for w in pieces if w.key in self.failed]
+        if failed:
+            self.failed[run.name] = f"shard {failed[0].index}/{failed[0].count}: {self.failed[failed[0].key]}"
+            return states
+        return states | {self._assemble(label, run, pieces)}
+
+    def _visit_work(self, label: str, work: Work) -> str:
+        """Settle one run or shard: score it if no other worker holds it."""
+        folder = self.layout.work_dir(work)
+        if results := newest_results(folder):
+            self.skipped.append(work.key)
+            how = "finished by another worker" if work.key in self.announced else "already finished"
+            self.progress.say(f"{label}: {how}, skipped ({results.name})")
             return "done"
-        if _failed_since(layout, run.name, self.started):
-            self.failed[run.name] = layout.failure(run.name) or "?"
+        if _failed_since(folder, self.started):
+            self.failed[work.key] = recorded_failure(folder) or "?"
             self.progress.say(f"{label}: failed in another worker, skipped")
             return "done"
-        claim = _claim_run(self.sweep, run, layout)
+        claim = _claim(self.sweep, work, self.layout)
         if claim is None:
-            if run.name not in self.announced:
-                self.announced.add(run.name)
-                holder = claims.describe(layout.claim(run.name))
+            if work.key not in self.announced:
+                self.announced.add(work.key)
+                holder = claims.describe(self.layout.claim(work.key))
                 self.progress.say(f"{label}: running in another worker ({holder}); waiting to take it over if it stops")
             return "held"
-        self._score(label, i, run, claim)
+        self._score(label, work, claim)
         return "scored"
 
-    def _score(self, label: str, i: int, run: RunSpec, claim: claims.Claim) -> None:
-        layout, progress, total = self.layout, self.progress, len(self.sweep.runs)
-        plan = json.dumps(self.sweep.run_plan(run), indent=2)
-        (layout.run_dir(run.name) / "plan.json").write_text(plan, encoding="utf-8")
+    def _score(self, label: str, work: Work, claim: claims.Claim) -> None:
+        layout, progress, run = self.layout, self.progress, work.run
+        plan = json.dumps(work.plan(self.sweep), indent=2)
+        (layout.work_dir(work) / "plan.json").write_text(plan, encoding="utf-8")
         progress.say(
             f"{label}: starting ({run.backend}, {Path(str(run.model_args.get('pretrained'))).name}"
-            f"{', variant' if run.variant else ''}); overall: {progress.estimate(total - i + 1)}"
+            f"{', variant' if run.variant else ''}); overall: {progress.estimate(self.left(), self.unit)}"
         )
         began = time.monotonic()
         with claim:  # held until the outcome (results or failed.json) is on disk
             try:
                 with progress.heartbeat(label):
-                    path = evaluate_run(self.sweep, run, layout, claim)
+                    path = evaluate_run(self.sweep, work, layout, claim)
             except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
-                self.failed[run.name] = error = _record_failure(layout, run, exc)
-                took = _duration(time.monotonic() - began)
+                self.failed[work.key] = error = _record_failure(layout, work, exc)
+                took = duration(time.monotonic() - began)
                 progress.say(f"{label}: FAILED after {took}: {error.splitlines()[0]}")
             else:
-                (layout.run_dir(run.name) / "failed.json").unlink(missing_ok=True)
+                (layout.work_dir(work) / "failed.json").unlink(missing_ok=True)
                 took = time.monotonic() - began
-                self.seconds[run.name] = took
+                self.seconds[work.key] = took
                 progress.durations.append(took)
-                self.finished.append(run.name)
-                left = sum(not self.settled(r.name) for r in self.sweep.runs)
+                self.finished.append(work.key)
                 progress.say(
-                    f"{label}: finished in {_duration(took)}{_throughput(self.sweep, run, took)} -> {path}; "
-                    f"overall: {progress.estimate(left)}"
+                    f"{label}: finished in {duration(took)}{_throughput(self.sweep, work, took)} -> {path}; "
+                    f"overall: {progress.estimate(self.left(), self.unit)}"
                 )
             finally:
                 _release_memory()
-                _status(layout, self.sweep, self.seconds)
+                write_status(layout, self.works, self.seconds)
+
+    def _assemble(self, label: str, run: RunSpec, pieces: list[Work]) -> str:
+        """Assemble a run whose shards are all finished, unless another worker does it now."""
+        whole = Work(run)
+        claim = _claim(self.sweep, whole, self.layout)
+        if claim is None:
+            return self._visit_work(label, whole) if self.layout.results(run.name) else "held"
+        with claim:
+            try:
+                path = assemble.assemble(self.sweep, run, self.layout, pieces, claim)
+            except Exception as exc:  # noqa: BLE001 - recorded like a failing run
+                self.failed[run.name] = error = _record_failure(self.layout, whole, exc)
+                self.progress.say(f"{label}: FAILED to assemble its {len(pieces)} shards: {error.splitlines()[0]}")
+            else:
+                (self.layout.run_dir(run.name) / "failed.json").unlink(missing_ok=True)
+                self.assembled.append(run.name)
+                self.progress.say(f"{label}: finished, assembled from its {len(pieces)} shards -> {path}")
+            finally:
+                write_status(self.layout, self.works, self.seconds)
+        return "scored"
 
 
 def run_sweep(sweep: Sweep, progress: Progress | None = None, poll_s: float = POLL_S) -> SweepOutcome:
@@ -312,15 +317,20 @@ def run_sweep(sweep: Sweep, progress: Progress | None = None, poll_s: float = PO
     progress.say(f"{sweep.name}: {len(sweep.runs)} runs x {len(sweep.tasks)} tasks -> {layout.root}")
     worker = _Worker(sweep, layout, progress)
     while True:
-        visits = [worker.visit(i, run) for i, run in enumerate(sweep.runs, 1) if not worker.settled(run.name)]
+        visits = set()
+        for i, run in enumerate(sweep.runs, 1):
+            if not worker.settled(run.name):
+                visits |= worker.visit(i, run)
         if "held" not in visits:
             break
         if "scored" not in visits:
             time.sleep(poll_s)
-    outcome = SweepOutcome(_write_report_once(sweep, layout), worker.finished, worker.failed, worker.skipped)
+    report_path = _write_report_once(sweep, layout)
+    outcome = SweepOutcome(report_path, worker.finished, worker.failed, worker.skipped, worker.assembled)
+    assembled = f", {len(worker.assembled)} assembled here from shards" if worker.assembled else ""
     progress.say(
-        f"done in {_duration(time.monotonic() - progress.start)}: {len(worker.finished)} run(s) scored here, "
-        f"{len(worker.skipped)} finished elsewhere or before, {len(worker.failed)} failed"
+        f"done in {duration(time.monotonic() - progress.start)}: {len(worker.finished)} {worker.unit} scored "
+        f"here, {len(worker.skipped)} finished elsewhere or before, {len(worker.failed)} failed{assembled}"
     )
     if outcome.report:
         progress.say(f"report: {outcome.report}")
@@ -342,11 +352,11 @@ def load_finished(sweep: Sweep, layout: Layout) -> report.SweepRuns:
 
     done = [(run.name, layout.results(run.name)) for run in sweep.runs if layout.results(run.name)]
     runs = reporting.load_runs([p for _, p in done], labels=[n for n, _ in done]) if done else []
-    failed = {
-        run.name: layout.failure(run.name) or ""
-        for run in sweep.runs
-        if not layout.results(run.name) and layout.failure(run.name)
-    }
+    failed = {}
+    for run in sweep.runs:
+        error = None if layout.results(run.name) else run_failure(layout, shards.works(sweep, run))
+        if error:
+            failed[run.name] = error
     return report.SweepRuns(runs, failed)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from lm_eval_longshort.sweep import checks, variants
+from lm_eval_longshort.sweep import checks, shards, variants
 from lm_eval_longshort.sweep.checks import unknown_keys
 
 BACKENDS = ("hf", "vllm")
@@ -44,8 +44,9 @@ SWEEP_KEYS = (
     "runs",
     "quick",
     "output",
+    "shards",
 )
-RUN_KEYS = ("name", "description", "backend", "model_args", "base", "rope", "overrides")
+RUN_KEYS = ("name", "description", "backend", "model_args", "base", "rope", "overrides", "shards")
 TASK_KEYS = ("task", "as", "metadata")
 # What --quick may replace: metadata and model_args are merged over the full sweep's, the rest replaced.
 QUICK_KEYS = ("metadata", "model_args", "samples", "limit", "bootstrap_iters", "runs")
@@ -90,6 +91,7 @@ class RunSpec:
     model_args: dict
     variant: variants.Variant | None = None
     description: str = ""
+    shards: int = 1  # pieces its documents are split into (sweep/shards.py)
 
     def plan(self) -> dict:
         """What this run computes, as JSON-able data (a finished run with another plan is stale)."""
@@ -101,6 +103,7 @@ class RunSpec:
             "backend": self.backend,
             "model_args": args,
             "variant": self.variant.describe() if self.variant else None,
+            **({"shards": self.shards} if self.shards > 1 else {}),  # an unsharded run's plan is unchanged
         }
 
 
@@ -373,7 +376,8 @@ def _parse_run(entry: Any, data: dict, i: int, problems: list[str]) -> RunSpec |
         problems += checks.model_arg_problems(where, backend, own, config_keys)
         shared = {k: v for k, v in shared.items() if k not in own}
         problems += checks.model_arg_problems("model_args (sweep-wide)", backend, shared, config_keys)
-    return RunSpec(name, backend, model_args, variant, str(entry.get("description") or ""))
+    pieces = shards.shard_count(entry, data, where, problems)
+    return RunSpec(name, backend, model_args, variant, str(entry.get("description") or ""), pieces)
 
 
 def parse_runs(data: dict, problems: list[str]) -> tuple[RunSpec, ...]:
@@ -416,6 +420,7 @@ def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None 
     runs = parse_runs(data, problems)
     samples, limit = checks.documents(data, problems)
     problems += checks.sample_problems(samples, tasks, metadata)
+    problems += shards.problems(runs, tasks, samples, limit, metadata)
     bootstrap = checks.whole_number(data, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS, problems, minimum=0)
     trained = checks.whole_number(data, "trained_context", None, problems)
     if problems:
@@ -443,8 +448,3 @@ def load_sweep(path: str | Path, quick: bool = False, output: str | Path | None 
         device=str(data["device"]) if data.get("device") else None,
     )
     return sweep
-
-
-def plan_json(plan: dict) -> str:
-    """Canonical JSON of a plan (compared between invocations)."""
-    return json.dumps(plan, sort_keys=True, default=str)
