@@ -27,17 +27,16 @@ $(VENV)/.base: pyproject.toml
 
 # Tests also drive the real vLLM engine (CPU build). Its wheel pulls PyPI torchvision,
 # torchaudio and torchcodec, which break `import transformers` beside the CPU torch.
-# Makefile as a prerequisite: a changed list of test tools installs again on an existing .venv.
-$(VENV)/.test: $(VENV)/.base Makefile
-	$(PIP) install $(VLLM_SPEC) pytest pytest-xdist ruff 2>&1 | grep -v "^WARNING: Location" || true
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install $(VLLM_SPEC) pytest ruff 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) tests/vllm_metadata_shim.py
-	$(PY) -c "import vllm, pytest, xdist, transformers"
+	$(PY) -c "import vllm, pytest, transformers"
 	$(VENV)/bin/ruff --version
 	touch $@
 
 # The package is installed (not editable: its task YAMLs go into lm-eval's task folder) again
-# only when a source changed, so `make demo` after `make test` does not reinstall under running tests.
+# only when a source changed: `make demo` (also run by the tests) does not reinstall every time.
 SOURCES     := pyproject.toml $(shell find lm_eval_longshort task_configs -type f ! -name '*.pyc' 2>/dev/null)
 $(VENV)/.installed: $(VENV)/.base $(SOURCES)
 	rm -rf build  # a stale build/ folder would put deleted modules back into the install
@@ -65,11 +64,8 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two workers, whole files each (module fixtures such as a vLLM engine start once); then, alone, the
-# tests marked serial, which reinstall this package (README's `pip install .`).
 test: install-test prepare lint
-	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=30 tests
-	$(OFFLINE) $(PY) -m pytest -q -m serial tests
+	$(OFFLINE) $(PY) -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)

@@ -130,15 +130,7 @@ def test_pages_have_command_blocks():
     assert any("simple_evaluate" in b for name, b in PYTHON if name.startswith("README.md"))
 
 
-def _bash_params() -> list:
-    """One parameter per bash block; a block that reinstalls this package is marked serial (run alone)."""
-    return [
-        pytest.param(i, id=name, marks=[pytest.mark.serial] if "pip install" in block else [])
-        for i, (name, block) in enumerate(BASH)
-    ]
-
-
-@pytest.mark.parametrize("index", _bash_params())
+@pytest.mark.parametrize("index", range(len(BASH)), ids=[name for name, _ in BASH])
 def test_bash_block_runs(index, assets, tmp_path):
     runnable = [shrink(c) for c in commands(BASH[index][1]) if not c.startswith("make test")]
     if not runnable:

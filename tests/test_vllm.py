@@ -42,7 +42,7 @@ def engine_args(model_dir) -> dict:
         dtype="float32",
         max_model_len=MAX_MODEL_LEN,
         max_logprobs=-1,
-        gpu_memory_utilization=0.1,  # of RAM on the CPU build: room for another test file beside it
+        gpu_memory_utilization=0.3,
         enforce_eager=True,
     )
 

@@ -37,7 +37,7 @@ def pooling_args(model_dir, **extra) -> dict:
         pretrained=str(model_dir),
         dtype="float32",
         max_model_len=MAX_MODEL_LEN,
-        gpu_memory_utilization=0.1,  # of RAM on the CPU build: room for another test file beside it
+        gpu_memory_utilization=0.25,
         enforce_eager=True,
         **POOLING,
         **extra,
