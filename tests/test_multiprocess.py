@@ -11,7 +11,7 @@ import pytest
 from offline import offline_env
 
 BIN = Path(sys.executable).parent
-META = {"lengths": [64, 256], "target_tokens": 32, "pairs": 2}
+META = {"lengths": [32, 128], "target_tokens": 32, "pairs": 2}
 
 
 def _run(args: list[str], out: Path, threads: str) -> dict:

@@ -30,8 +30,9 @@ from offline import offline_env
 BIN = Path(sys.executable).parent
 PPL, PPL_LOCAL = "longshort_ppl_shakespeare", "longshort_ppl_local"
 N_DOCS = 5
-# batch_tokens below one document's inputs: every document is its own scoring chunk.
-META = {"lengths": [256, 512], "target_tokens": 32, "batch_tokens": 1024}
+# batch_tokens below one document's inputs ((128 + 32) + (256 + 32) tokens): every document is its
+# own scoring chunk.
+META = {"lengths": [128, 256], "target_tokens": 32, "batch_tokens": 256}
 RESUMED = re.compile(r"(\d+) of (\d+) documents resumed from the --use_cache database, (\d+) to score")
 
 
