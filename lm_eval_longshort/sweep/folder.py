@@ -170,8 +170,9 @@ def run_failure(layout: Layout, pieces: list[shards.Work]) -> str | None:
 
 def _state(layout: Layout, work: shards.Work, seconds: dict[str, float]) -> dict:
     folder = layout.work_dir(work)
-    state = "finished" if newest_results(folder) else "failed" if recorded_failure(folder) else "pending"
-    error = recorded_failure(folder) if state == "failed" else None
+    finished = newest_results(folder) is not None
+    error = None if finished else recorded_failure(folder) or None
+    state = "finished" if finished else "failed" if error else "pending"
     return {"status": state, "seconds_this_session": seconds.get(work.key), "error": error}
 
 
@@ -179,13 +180,11 @@ def write_status(layout: Layout, works: dict[str, list[shards.Work]], seconds: d
     """sweep_status.json: each run's status, seconds and error; a sharded run's shards under ``shards``."""
     status = {}
     for name, pieces in works.items():
-        state = "finished" if layout.results(name) else "failed" if run_failure(layout, pieces) else "pending"
+        finished = layout.results(name) is not None
+        error = None if finished else run_failure(layout, pieces) or None
+        state = "finished" if finished else "failed" if error else "pending"
         took = [seconds[w.key] for w in pieces if w.key in seconds]
-        status[name] = {
-            "status": state,
-            "seconds_this_session": sum(took) if took else None,
-            "error": run_failure(layout, pieces) if state == "failed" else None,
-        }
+        status[name] = {"status": state, "seconds_this_session": sum(took) if took else None, "error": error}
         if pieces[0].count > 1:
             status[name]["shards"] = {f"{w.index}of{w.count}": _state(layout, w, seconds) for w in pieces}
     path = layout.root / "sweep_status.json"
