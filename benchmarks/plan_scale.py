@@ -92,9 +92,7 @@ def main() -> None:
                 share = [args.checkpoints * x / busy for x in (ppl, mis, shards * load)]
                 print(
                     f"| {gpus} | {shards} | {args.checkpoints * tokens / 1e9:.1f} | {busy / 3600:.1f} | "
-                    f"{wall / 3600:.2f} | {gpus * wall / 3600:.1f} | "
-                    + " / ".join(f"{s:.0%}" for s in share)
-                    + " |"
+                    f"{wall / 3600:.2f} | {gpus * wall / 3600:.1f} | " + " / ".join(f"{s:.0%}" for s in share) + " |"
                 )
         print()
 
