@@ -11,6 +11,9 @@ Not run here (```sh blocks, each with its reason next to it on its page):
 - docs/reproducibility.md, an ``lm_eval`` run with ``--use_cache``: the README's quick start runs the
   same command form; tests/test_resume.py checks that a killed run's rerun resumes with equal numbers.
 - docs/contributing.md, the ruff commands: `make test` runs them before this suite.
+- docs/scaling.md, the recipes: they name GPUs, a SLURM cluster and a Ray cluster that this machine
+  lacks; tests/test_sweep_shared_folder.py runs the node and SLURM recipes with local stand-ins,
+  tests/test_vllm_data_parallel.py the Ray one against a local Ray instance.
 A command shown on two pages runs on one of them only; the other page shows it as ```sh.
 
 Shrinking changes only sizes. Shell: ``--limit N`` -> 1 (added to an ``lm_eval`` command without
@@ -18,7 +21,9 @@ one), the metadata's ``lengths`` -> [64, 128], and for vLLM commands on this CPU
 ``gpu_memory_utilization`` (the share of RAM on the CPU build) and ``enforce_eager``. ``make demo``
 runs with a small DEMO_META and its own output folder; ``make test`` is this suite itself and is not
 run again; a ``sweep`` (minutes to hours) is validated with ``--check``, which loads nothing and
-prints its plan (tests/test_sweep.py runs real sweeps). ``pip install .`` installs this checkout.
+prints its plan (tests/test_sweep.py runs real sweeps). ``pip install .`` installs this checkout, into a
+folder of the test's own (``--target``, no dependencies): the suite's environment is in use by other
+tests at the same moment (two pytest-xdist workers).
 Python: a ``lengths`` list -> [64, 128], ``length=N`` -> 64, ``limit=N`` -> 1, ``max_steps=N`` -> 1.
 Each block runs in a fresh folder, with the test environment's ``bin`` first on PATH (Python blocks
 with this interpreter).
@@ -91,8 +96,8 @@ def shrink(command: str) -> str:
     if command.startswith("make demo"):
         meta = json.dumps({"lengths": SMALL_LENGTHS, "target_tokens": 32, "pairs": 1})
         return f"make -C {ROOT} demo DEMO_DIR=$PWD/demo_output DEMO_META={shlex.quote(meta)}"
-    if command.startswith("pip install ."):
-        return command.replace("pip install .", f"pip install -q {ROOT}", 1)
+    if command.startswith("pip install ."):  # into a folder of its own: other tests use the venv meanwhile
+        return command.replace("pip install .", f"pip install -q --no-deps --target $PWD/site {ROOT}", 1)
     if command.startswith("lm-eval-longshort sweep "):
         spec = command.split()[2]
         # --check right after the file: appended at the end it would land inside a trailing comment.

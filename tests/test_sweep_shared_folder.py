@@ -4,9 +4,10 @@
   claim taken over, a live one respected, a stale heartbeat on "another host" taken over.
 * Two sweeps with different lengths on one folder: the second is refused naming the key; a
   finished run's results copied into a new folder and reported with another plan: refused.
-* `--workers 2`, which starts two identical plain sweep commands at the same moment: each run
-  computed once, one results file per run, and the report equals a single worker's.
-* A worker killed with SIGKILL mid-run: the other takes its run over; same numbers.
+* docs/scaling.md's recipes with local stand-ins: the one-node command (`--workers 2`, which starts
+  two identical plain sweep commands at the same moment): each run computed once, one results file
+  per run, and the report equals a single worker's; the SLURM batch script as two array tasks, one
+  killed with SIGKILL mid-run: the other takes its run over; same numbers.
 * A corrupt run cache: the run's failed.json says so in one line naming the file.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -171,10 +174,29 @@ def test_corrupt_run_cache_fails_the_run_with_one_line_naming_it(assets, tmp_pat
 # --------------------------------------------------------------------------- several workers
 
 
-def test_two_local_workers_give_the_one_worker_report(finished, tmp_path):
+def recipe(heading: str) -> str:
+    """The ```sh block under ``heading`` in docs/scaling.md (the recipes these tests run)."""
+    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"^```sh\n(.*?)^```", section, flags=re.S | re.M).group(1)
+
+
+def stand_in(command: str, sweep: Path, out: Path) -> str:
+    """A recipe's command on the test's tiny sweep and folder, through this checkout's CLI."""
+    cli = shlex.join(sweep_command())  # python -m lm_eval_longshort.cli sweep
+    command = re.sub(r"lm-eval-longshort sweep leaderboard\.yaml", f"{cli} {shlex.quote(str(sweep))}", command)
+    return re.sub(r"--output \S+", f"--output {shlex.quote(str(out))}", command)
+
+
+def test_the_node_recipe_gives_the_one_worker_report(finished, tmp_path):
+    """docs/scaling.md's one-node command, with --workers 2 and no --gpus (no GPU here): each run
+    computed once by one of two workers started at the same moment, and the single worker's report."""
     path, reference = finished
     out = tmp_path / "out"
-    proc = run_sweep_cli(str(path), "--output", str(out), "--workers", "2")
+    (command,) = recipe("One multi-GPU node").strip().splitlines()
+    assert "--workers 8 --gpus 0,1,2,3,4,5,6,7" in command
+    command = stand_in(command, path, out).replace("--workers 8 --gpus 0,1,2,3,4,5,6,7", "--workers 2")
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "[worker 0]" in proc.stdout and "[worker 1]" in proc.stdout
     for i, run in enumerate(("base", "yarn", "linear"), 1):
@@ -184,36 +206,48 @@ def test_two_local_workers_give_the_one_worker_report(finished, tmp_path):
         assert (out / "report" / name).read_text() == (reference / "report" / name).read_text()
 
 
-def test_a_killed_workers_run_is_taken_over_with_the_same_numbers(finished, tmp_path):
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_slurm_recipe_survives_a_killed_task_with_the_same_numbers(finished, tmp_path):
+    """docs/scaling.md's SLURM batch script as two local array tasks (SLURM_ARRAY_TASK_ID 0 and 1)
+    started at the same moment on one folder; the sweep process holding the first claim is killed
+    with SIGKILL mid-run (a preempted task): the other task takes the run over and finishes every
+    run with the single worker's numbers."""
     path, reference = finished
     out = tmp_path / "out"
-    procs = {}
-    for _ in range(2):
+    script = recipe("A SLURM array")
+    assert script.startswith("#!/bin/bash") and "#SBATCH --array=0-7" in script
+    (tmp_path / "leaderboard.sbatch").write_text(stand_in(script, path, out), encoding="utf-8")
+    tasks = {}
+    for task_id in range(2):
         proc = subprocess.Popen(
-            sweep_command(str(path), "--output", str(out)),
+            ["bash", str(tmp_path / "leaderboard.sbatch")],
             cwd=ROOT,
-            env=ENV,
+            env={**ENV, "SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_JOB_ID": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        procs[proc.pid] = proc
+        tasks[proc.pid] = proc
     deadline = time.monotonic() + 600
     victim = None
-    while victim is None:  # the first claim either worker takes: kill its holder mid-run
-        assert time.monotonic() < deadline, "no worker claimed a run"
+    while victim is None:  # the first claim either task's sweep takes: kill that sweep mid-run
+        assert time.monotonic() < deadline, "no task claimed a run"
         for claim in (out / "claims").glob("*.claim") if (out / "claims").is_dir() else []:
-            info = claims.holder(claim) or {}
-            if info.get("pid") in procs and claim.stem != "report":
-                victim, run = procs[info["pid"]], claim.stem
+            pid = (claims.holder(claim) or {}).get("pid")
+            task = pid if pid in tasks else _parent(pid) if pid else None  # bash may exec the command
+            if task in tasks and claim.stem != "report":
+                victim, victim_task, run = pid, tasks[task], claim.stem
                 break
         time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    (survivor,) = [p for p in procs.values() if p is not victim]
+    os.kill(victim, signal.SIGKILL)
+    victim_task.communicate(timeout=60)
+    (survivor,) = [p for p in tasks.values() if p is not victim_task]
     log = survivor.communicate(timeout=900)[0]
     assert survivor.returncode == 0, log[-3000:]
-    assert f"{run}: starting" in log  # the survivor computed the killed worker's run
+    assert f"{run}: starting" in log  # the surviving task computed the killed task's run
     for name in ("base", "yarn", "linear"):
         assert len(results_files(out, name)) == 1
     for name in ("values.csv", "correlations.csv"):
