@@ -134,11 +134,11 @@ def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     assert (got - want).abs().max().item() < 2e-4
     t = np.arange(150, 256)
     pairs = [
-        AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair"),
+        AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair", next_tokens=ids[t + 1]),
         AlignedWindows(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair"),
     ]
     for a, b in zip(engine.aligned_divergences(pairs), hf.aligned_divergences(pairs), strict=True):
-        assert a.keys() == b.keys()  # no error bounds: nothing is approximated
+        assert a.keys() == b.keys()  # no error bounds: nothing is approximated; dp where next tokens are given
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=DIV_REL, atol=DIV_ABS, err_msg=name)
 
