@@ -89,26 +89,37 @@ def main() -> None:
 def run_kernel(model, rows: int = 128) -> None:
     """Divergences of one chunk against what produced their inputs (output layer + float32
     log-softmax, both sides), in single-thread CPU time: less noisy than whole runs."""
-    from lm_eval_longshort.numerics.divergences import all_divergences
+    from lm_eval_longshort.numerics import histogram
+    from lm_eval_longshort.numerics.divergences import all_divergences, position_values
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     head = model.get_output_embeddings()
     hidden = torch.randn(2, rows, model.config.hidden_size)
+    nexts = torch.randint(0, model.config.vocab_size, (rows,))
     t: dict[str, float] = {}
     with torch.inference_mode():
         logp, logq = (torch.log_softmax(head(h).float(), -1) for h in hidden)
-        for _ in range(3):
+        symkl = all_divergences(logp, logq)["symkl"].double().numpy()
+        for _ in range(5):
             with timed(t, "head"):
                 for h in hidden:
                     torch.log_softmax(head(h).float(), -1)
             with timed(t, "divergences"):
                 all_divergences(logp, logq)
+            with timed(t, "with_dp"):  # the divergences plus dp, as the engines call it
+                position_values(logp, logq, nexts)
+            with timed(t, "distribution"):  # what Dense.summarize adds per group: counts and maximum
+                for _ in range(100):
+                    histogram.sparse(histogram.counts(symkl))
+                    float(np.max(symkl))
     torch.set_num_threads(threads)
     print(
-        f"kernel ({rows} positions, 1 thread, CPU time): output layer + log-softmax x2 "
+        f"kernel ({rows} positions, 1 thread, CPU time, fastest of 5): output layer + log-softmax x2 "
         f"{t['head_cpu'] * 1e3:.0f} ms, all_divergences {t['divergences_cpu'] * 1e3:.0f} ms "
-        f"({t['divergences_cpu'] / t['head_cpu']:.2f}x)"
+        f"({t['divergences_cpu'] / t['head_cpu']:.2f}x); with dp {t['with_dp_cpu'] * 1e3:.0f} ms; "
+        f"symkl histogram + max {t['distribution_cpu'] * 10:.3f} ms "
+        f"({t['distribution_cpu'] / 100 / (t['head_cpu'] + t['with_dp_cpu']):.5f}x head + divergences)"
     )
 
 

@@ -123,3 +123,44 @@ def test_zero_probability_entries_are_handled():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         D.symkl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# --------------------------------------------------------------------------- distribution of misalignment
+
+# docs/metrics.md: 20 log-spaced bins per decade from 1e-8 to 1e2; a percentile reads its bin's
+# geometric centre, within a factor 10^(1/40) of the exact (inverted-CDF) percentile.
+PERCENTILE_FACTOR = 10 ** (1 / 40)
+
+
+def test_dp_is_the_next_token_probability_gain():
+    logp, logq = random_logprobs(6, 300, 11), random_logprobs(6, 300, 12)
+    nexts = torch.tensor([0, 5, 299, 17, 17, 100])
+    got = D.position_values(logp, logq, nexts)
+    p, q = logp.double().exp().numpy(), logq.double().exp().numpy()
+    want = [p[i, int(t)] - q[i, int(t)] for i, t in enumerate(nexts)]
+    np.testing.assert_allclose(got["dp"].numpy(), want, rtol=1e-5, atol=1e-8)
+    assert "dp" not in D.position_values(logp, logq, None)  # no next tokens: divergences only
+
+
+def test_histogram_percentiles_match_numpy_within_the_stated_resolution():
+    from lm_eval_longshort.numerics import histogram
+
+    rng = np.random.default_rng(3)
+    # log-uniform over 1e-9 .. 1e1 (some below the lowest edge), plus exact zeros
+    values = np.concatenate([10 ** rng.uniform(-9, 1, 997), np.zeros(3)])
+    rng.shuffle(values)
+    halves = values[:400], values[400:]
+    one_run = histogram.counts(values)
+    merged = histogram.merged([histogram.sparse(histogram.counts(h)) for h in halves])
+    assert merged.dtype == np.int64 and np.array_equal(merged, one_run) and merged.sum() == 1000
+    for q in (0.01, 0.5, 0.9, 0.99, 1.0):
+        exact = float(np.quantile(values, q, method="inverted_cdf"))
+        got = histogram.quantile(merged, q)
+        if exact < 1e-8:
+            assert got == 0.0  # the underflow bin (exact zeros among it) reads 0
+        else:
+            assert exact / PERCENTILE_FACTOR <= got <= exact * PERCENTILE_FACTOR, (q, exact, got)
+    assert histogram.quantile(histogram.counts([5e3, 1.0]), 1.0) == 100.0  # overflow reads the top edge
+    assert math.isnan(histogram.quantile(histogram.merged([]), 0.5))
+    with pytest.raises(ValueError, match="NaN"):
+        histogram.counts([1.0, math.nan])

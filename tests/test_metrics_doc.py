@@ -285,6 +285,69 @@ def stderr_code() -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------- the distribution of misalignment
+
+SYMKL_DOCS = ([0.02, 0.5, 0.031], [0.0, 0.2])  # per-position symkl of two documents at one L
+QUANTILES = (50, 90, 99)
+
+
+def _bins_text(bins: dict[int, int]) -> str:
+    return "{" + ", ".join(f"{i}: {c}" for i, c in sorted(bins.items())) + "}"
+
+
+def _bounds(index: int) -> str:
+    low, high = 10 ** (-8 + (index - 1) / 20), 10 ** (-8 + index / 20)
+    return f"[{low:.4g}, {high:.4g})"
+
+
+def _percentile_line(q: int, value: float, rank: int, pooled: list[float], index: int) -> str:
+    return (
+        f"symkl_p{q} = {value:.4g}: value {rank} of {len(pooled)} ({pooled[rank - 1]}) lies in bin {index} "
+        + _bounds(index)
+    )
+
+
+def distribution_spec() -> list[str]:
+    """Bins by the stated rule: 0 below 1e-8, i = floor(20·(log10 v + 8)) + 1 up to 200, 201 from 100."""
+
+    def bin_of(v: float) -> int:
+        return 0 if v < 1e-8 else 201 if v >= 100 else math.floor(20 * (math.log10(v) + 8)) + 1
+
+    lines, merged = [], {}
+    for d, values in enumerate(SYMKL_DOCS):
+        bins = {}
+        for v in values:
+            bins[bin_of(v)] = bins.get(bin_of(v), 0) + 1
+            merged[bin_of(v)] = merged.get(bin_of(v), 0) + 1
+        lines.append(f"doc {d}: symkl {values} -> bins {_bins_text(bins)}, max {max(values)}")
+    pooled = sorted(v for values in SYMKL_DOCS for v in values)
+    lines.append(f"merged: {len(pooled)} positions, bins {_bins_text(merged)}")
+    for q in QUANTILES:
+        rank = math.ceil(q / 100 * len(pooled))
+        i = bin_of(pooled[rank - 1])
+        centre = 10 ** (-8 + (i - 0.5) / 20)
+        lines.append(_percentile_line(q, centre, rank, pooled, i))
+    return [*lines, f"symkl_max = {max(pooled)}"]
+
+
+def distribution_code() -> list[str]:
+    from lm_eval_longshort.numerics import histogram
+
+    lines, docs = [], []
+    for d, values in enumerate(SYMKL_DOCS):
+        docs.append(histogram.sparse(histogram.counts(values)))
+        lines.append(f"doc {d}: symkl {values} -> bins {_bins_text(dict(docs[-1]))}, max {max(values)}")
+    merged = histogram.merged(docs)
+    pooled = sorted(v for values in SYMKL_DOCS for v in values)
+    lines.append(f"merged: {int(merged.sum())} positions, bins {_bins_text(dict(histogram.sparse(merged)))}")
+    for q in QUANTILES:
+        value = histogram.quantile(merged, q / 100)
+        i = int(np.searchsorted(histogram.EDGES, value, side="right"))
+        rank = math.ceil(q / 100 * len(pooled))
+        lines.append(_percentile_line(q, value, rank, pooled, i))
+    return [*lines, f"symkl_max = {max(pooled)}"]
+
+
 EXAMPLES = {
     "ladder": (ladder_spec, ladder_code),
     "truncate": (truncate_spec, truncate_code),
@@ -294,6 +357,7 @@ EXAMPLES = {
     "dense": (lambda: dense_spec(0.5, DOCS), lambda: dense_code(0.5, DOCS)),
     "dense min_ratio 0.75": (lambda: dense_spec(0.75, (0,)), lambda: dense_code(0.75, (0,))),
     "standard errors": (stderr_spec, stderr_code),
+    "distribution of misalignment": (distribution_spec, distribution_code),
 }
 
 

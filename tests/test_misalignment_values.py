@@ -47,6 +47,11 @@ def test_last_mode_matches_plain_forward(hflm, smol, plays):
     assert {k: v for k, v in again.items() if "@" in k} == {k: v for k, v in results.items() if "@" in k}
 
 
+# docs/metrics.md, "The distribution of misalignment": 20 log-spaced bins per decade, a percentile
+# read at its bin's geometric centre, so within a factor 10^(1/40) of the exact value.
+PERCENTILE_FACTOR = 10 ** (1 / 40)
+
+
 def test_dense_mode_matches_plain_forward(hflm, smol, plays):
     model, tok = smol
     lengths, ratio = [64, 160], 0.5
@@ -55,26 +60,39 @@ def test_dense_mode_matches_plain_forward(hflm, smol, plays):
     )
     groups = {(g["doc_index"], g["L"]): g for s in samples for g in response(s)["groups"]}
     for n in lengths:
-        sums, count = dict.fromkeys(NAMES, 0.0), 0
+        sums, count, symkl, gains = dict.fromkeys(NAMES, 0.0), 0, [], []
         for doc_index, play in enumerate(plays[:2]):
             ids = tok(play["text"], add_special_tokens=False)["input_ids"]
             gap = dense_gap(SEED, doc_index, n, ratio)  # in [1, n // 2] at ratio 0.5
             a = plain_token_logprobs(model, ids[0:n])  # row t: after ids[t], context t + 1
             b = plain_token_logprobs(model, ids[gap : gap + n])  # row t - gap: after ids[t], context t + 1 - gap
-            doc_sums, doc_count = dict.fromkeys(NAMES, 0.0), 0
+            doc_sums, doc_count, doc_symkl = dict.fromkeys(NAMES, 0.0), 0, []
             for t in dense_positions(n, gap, ratio):
                 want = numpy_divergences(a[t].numpy(), b[t - gap].numpy())
                 for name in NAMES:
                     doc_sums[name] += want[name]
                 doc_count += 1
+                doc_symkl.append(want["symkl"])
+                # dp: the probability of the token that actually follows, ids[t + 1], long minus short
+                gains.append(float(a[t, ids[t + 1]].double().exp() - b[t - gap, ids[t + 1]].double().exp()))
             group = groups[(doc_index, n)]
             assert group["b_start"] == gap and group["n_positions"] == doc_count
             for name in NAMES:
                 assert group[f"{name}_sum"] == pytest.approx(doc_sums[name], rel=1e-3, abs=1e-5), name
                 sums[name] += doc_sums[name]
+            assert group["symkl_max"] == pytest.approx(max(doc_symkl), rel=1e-4)  # exact, not a bin edge
+            assert sum(c for _, c in group["symkl_hist"]) == doc_count
             count += doc_count
+            symkl += doc_symkl
         for name in NAMES:
             assert metric(results, f"{name}@{n}") == pytest.approx(sums[name] / count, rel=1e-3, abs=1e-6), name
+        assert metric(results, f"dp@{n}") == pytest.approx(np.mean(gains), rel=1e-3, abs=1e-6)
+        assert metric(results, f"symkl_max@{n}") == max(groups[(d, n)]["symkl_max"] for d in (0, 1))
+        assert metric(results, f"symkl_max@{n}") == pytest.approx(max(symkl), rel=1e-4)
+        for q in (50, 90, 99):  # pooled over both documents, within the stated resolution
+            exact = float(np.quantile(symkl, q / 100, method="inverted_cdf"))
+            reported = metric(results, f"symkl_p{q}@{n}")
+            assert exact / (PERCENTILE_FACTOR * 1.002) <= reported <= exact * PERCENTILE_FACTOR * 1.002, (q, exact)
 
 
 def test_identical_short_input_gives_zero_divergence(smol, plays):

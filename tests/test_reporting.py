@@ -857,3 +857,79 @@ def test_model_args_after_prepare_without_conversion(tmp_path: Path, monkeypatch
     assert "run `lm-eval-longshort prepare`" in err and "model-args --gguf" in err
     assert cli.main(["model-args", "--gguf"]) == 0
     assert capsys.readouterr().out.strip() == f"pretrained={gguf},gguf_file={assets.gguf_file}"
+
+
+# --------------------------------------------------------------------------- the distribution of misalignment
+
+
+def dense_entry(symkl: dict[int, float], scale: float) -> dict:
+    """A misalign task in dense mode: the ratio metrics (with standard errors), dp, and the
+    distribution summaries of symkl (no standard error: lm-eval writes N/A)."""
+    entry = mis_entry(symkl)
+    for L, v in symkl.items():
+        entry[f"dp@{L},none"], entry[f"dp@{L}_stderr,none"] = 0.01 * scale, 0.002
+        for name, factor in (("symkl_p50", 0.25), ("symkl_p90", 2.0), ("symkl_p99", 8.0), ("symkl_max", 20.0)):
+            entry[f"{name}@{L},none"], entry[f"{name}@{L}_stderr,none"] = v * factor * scale, "N/A"
+    return entry
+
+
+def dense_runs(root: Path) -> list[Path]:
+    records = {MIS: record(MIS, mode="dense")}
+    return [
+        write_results(root, name, {PPL: ppl_entry(p), MIS: dense_entry(m, scale)}, records=records)
+        for name, p, m, scale in (
+            ("a", {1024: 20.0, 4096: 18.0}, {1024: 0.05, 4096: 0.10}, 1.0),
+            ("b", {1024: 14.0, 4096: 13.0}, {1024: 0.03, 4096: 0.04}, 1.5),
+            ("c", {1024: 17.0, 4096: 25.0}, {1024: 0.04, 4096: 0.07}, 3.0),
+        )
+    ]
+
+
+def test_report_compare_and_values_show_the_distribution_of_misalignment(tmp_path: Path, one_run: Path):
+    from lm_eval_longshort.sweep.report import values_csv
+
+    runs = load_runs(dense_runs(tmp_path / "dense"))
+    header = format_length_table(runs[0]).splitlines()[1].split()
+    assert header[header.index("tv") + 1 :] == ["symkl_p50", "symkl_p90", "symkl_p99", "symkl_max", "dp"]
+    rows = _table_rows(format_length_table(runs[0]))
+    assert rows["4096"][2][-5:] == ["0.025", "0.2", "0.8", "2", "0.01±0.002"]  # no ± where lm-eval wrote N/A
+    # a `last` run reports none of them: no blank columns for them
+    last_header = format_length_table(load_runs([one_run])[0]).splitlines()[1].split()
+    assert last_header[-5:] == ["symkl", "sce", "js", "top1", "tv"]
+
+    result = compare_runs(runs, misalign_metric="symkl_p90")
+    assert result.columns[-5:] == ["symkl_p50", "symkl_p90", "symkl_p99", "symkl_max", "dp"]
+    by_length = {c.length: c for c in result.per_length}
+    p90 = [0.10 * 2.0 * 1.0, 0.04 * 2.0 * 1.5, 0.07 * 2.0 * 3.0]
+    assert by_length[4096].pearson == pytest.approx(textbook_pearson(p90, [18.0, 13.0, 25.0]), abs=1e-12)
+    assert result.between_runs == []  # a percentile has no per-document sums: no paired difference
+    assert [r["symkl_max"] for r in result.rows if r["L"] == 1024] == pytest.approx([1.0, 0.9, 2.4])
+
+    values = list(csv.DictReader(values_csv(runs).splitlines()))
+    got = {(v["run"], v["metric"], v["L"]): (float(v["value"]), v["stderr"]) for v in values}
+    assert got["b", "symkl_p99", "4096"] == (pytest.approx(0.04 * 8.0 * 1.5), "")
+    assert got["c", "dp", "1024"] == (pytest.approx(0.03), "0.002")
+
+
+def test_plot_distribution_draws_the_percentiles_against_length(tmp_path: Path, one_run: Path, capsys):
+    runs = load_runs(dense_runs(tmp_path / "dense"))
+    figure = reporting.draw_distribution(runs, trained_context=2048)
+    (ax,) = figure.axes
+    assert ax.get_title().startswith("Distribution of per-position symkl: percentiles and maximum\n")
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("trained")}
+    assert len(lines) == 3 * 4  # a line per run and summary
+    assert list(lines["b symkl_p99"].get_ydata()) == pytest.approx([0.03 * 8 * 1.5, 0.04 * 8 * 1.5])
+    assert list(lines["a symkl_max"].get_xdata()) == [1024, 4096]
+    assert {lines[f"a {m}"].get_linestyle() for m in ("symkl_p50", "symkl_p90", "symkl_p99", "symkl_max")} == {
+        "-",
+        "--",
+        "-.",
+        ":",
+    }
+    assert lines["a symkl_p50"].get_color() != lines["b symkl_p50"].get_color()
+    out = tmp_path / "dist.png"
+    assert cli.main(["plot", *map(str, dense_runs(tmp_path / "d2")), "-o", str(out), "--distribution"]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert cli.main(["plot", str(one_run), "-o", str(tmp_path / "no.png"), "--distribution"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to plot" in err and "mode dense" in err and not (tmp_path / "no.png").exists()

@@ -1,7 +1,7 @@
 """`shards: K`: a run's documents in K pieces that workers claim like runs, assembled into one run.
 
 Real runs of the embedded model, no mocks. The same sweep (three plays, a perplexity task and a
-`last` misalignment task) runs once unsharded (the independent computation) and once with
+`last` and a `dense` misalignment task) runs once unsharded (the independent computation) and once with
 `shards: 2` split between two local workers; the assembled run must equal the unsharded one.
 Both sweeps set `batch_tokens: 1`, so hf forwards one sequence at a time: a float32 forward of a
 batch differs in the last bits from the same rows batched with other documents (the pieces batch
@@ -31,6 +31,11 @@ TASKS = {
         "task": "longshort_misalign_shakespeare",
         "as": "longshort_misalign_last",
         "metadata": {"mode": "last", "pairs": 2},
+    },
+    "longshort_misalign_dense": {  # the distribution of misalignment: histograms merge across pieces
+        "task": "longshort_misalign_shakespeare",
+        "as": "longshort_misalign_dense",
+        "metadata": {"mode": "dense"},
     },
 }
 
@@ -119,12 +124,49 @@ def test_two_shards_equal_the_unsharded_run(sweeps):
         assert record == reference  # settings and engine too
         assert sharded["n-samples"][task] == whole["n-samples"][task]
     assert (sharded_out / "report" / "values.csv").read_text() == (whole_out / "report" / "values.csv").read_text()
+    _histograms_of_two_shards_merge_into_the_whole_runs(sharded_out, whole)
     status = json.loads((sharded_out / "sweep_status.json").read_text())["three"]
     assert status["status"] == "finished" and set(status["shards"]) == {"1of2", "2of2"}
     # The plan rule: `shards` is part of a sharded run's plan, and the only difference.
     plans = whole["longshort_sweep"]["plan"], sharded["longshort_sweep"]["plan"]
     assert "shards" not in plans[0]["run"] and plans[1]["run"]["shards"] == 2
     assert folder.plan_differences(plans[1], plans[0]) == ["run.shards"]
+
+
+def _histograms_of_two_shards_merge_into_the_whole_runs(sharded_out: Path, whole: dict) -> None:
+    """The dense task's per-position symkl counts, added over the two pieces' documents, equal the
+    unsharded run's; its percentiles are read from those counts (numpy: inverted-CDF rank, the bin's
+    geometric centre at 20 bins per decade from 1e-8), its maximum is the largest document's."""
+    import numpy as np
+
+    task = "longshort_misalign_dense"
+    pieces = [
+        json.loads(next((sharded_out / "runs" / "three" / "shards" / f"{i}of2").glob("results_*.json")).read_text())
+        for i in (1, 2)
+    ]
+    edges = np.logspace(-8, 2, 201)
+    for length in (64, 128):
+        name = f"symkl@{length}"
+        totals = []
+        for documents in (
+            [d for p in pieces for d in p["configs"][task]["longshort"]["documents"]],
+            whole["configs"][task]["longshort"]["documents"],
+        ):
+            total = np.zeros(202, dtype=np.int64)
+            for doc in documents:
+                for index, count in doc["distributions"][name]["counts"]:
+                    total[index] += count
+            totals.append(total)
+        assert np.array_equal(totals[0], totals[1]) and totals[0].sum() > 0
+        results = whole["results"][task]
+        for q in (50, 90, 99):
+            index = int(np.searchsorted(np.cumsum(totals[1]), int(np.ceil(q / 100 * totals[1].sum()))))
+            assert 1 <= index <= 200  # these values lie within the bins
+            assert results[f"symkl_p{q}@{length},none"] == pytest.approx(
+                np.sqrt(edges[index - 1] * edges[index]), rel=1e-12
+            )
+        maxima = [d["distributions"][name]["max"] for d in whole["configs"][task]["longshort"]["documents"]]
+        assert results[f"symkl_max@{length},none"] == max(maxima)
 
 
 def test_an_unsharded_sweep_does_not_take_a_sharded_run(sweeps, tmp_path):
@@ -161,7 +203,8 @@ def test_a_shard_of_another_plan_is_refused_and_finished_shards_are_assembled_ag
             4,
             {},
             "run 'three': shards: 4 is more pieces than the run's 3 document(s) (longshort_ppl_shakespeare, "
-            "longshort_misalign_last); give shards <= 3, or more documents (samples or limit)",
+            "longshort_misalign_last, longshort_misalign_dense); give shards <= 3, or more documents (samples or "
+            "limit)",
         ),
         (None, {"shards": 4}, "run 'three': shards: 4 is more pieces than the run's 3 document(s)"),
         (0, {}, "run 'three': shards: a whole number of pieces >= 1 (1: not split), got 0"),

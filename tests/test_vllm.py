@@ -125,7 +125,7 @@ def test_dense_topk_bounds_per_position(engines, doc_ids):
     engine, hf = engines
     ids, length, gap = doc_ids[0], 384, 70
     t = np.arange(gap + length // 2, length)
-    pair = AlignedWindows(ids[:length], ids[gap : gap + length], t, t - gap, None, "pair")
+    pair = AlignedWindows(ids[:length], ids[gap : gap + length], t, t - gap, None, "pair", next_tokens=ids[t + 1])
     exact = hf.aligned_divergences([pair])[0]
     for k in (8, 64):
         approx = engine.aligned_divergences([pair], topk=k)[0]
@@ -134,6 +134,10 @@ def test_dense_topk_bounds_per_position(engines, doc_ids):
         for name in ("tv", "js"):
             assert np.all(exact[name] <= approx[name] + approx[f"{name}_err_bound"] + 1e-4), (k, name)
         assert np.mean(approx["top1"] == exact["top1"]) >= 0.98, k  # exact up to near-ties
+        # dp: exact inside the prompts; at the long window's last position p_long(ids[L]) comes from
+        # the top-K list (0 outside it), so it can only be lower there.
+        np.testing.assert_allclose(approx["dp"][:-1], exact["dp"][:-1], rtol=1e-3, atol=2e-4)
+        assert approx["dp"][-1] <= exact["dp"][-1] + 2e-4
     # A larger K is a finer partition: closer, with smaller bounds.
     assert approx["tv_err_bound"].mean() < engine.aligned_divergences([pair], topk=8)[0]["tv_err_bound"].mean()
 

@@ -30,6 +30,7 @@ MAX_MODEL_LEN = 1024
 POOLING = {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}}
 REL_EXACT_PPL = 1e-4
 DIV_ABS = DIV_REL = 1e-3
+ONE_BIN = 10 ** (1 / 20) - 1 + DIV_REL  # docs/metrics.md: a histogram bin spans a factor 10^(1/20)
 
 
 def pooling_args(model_dir, **extra) -> dict:
@@ -134,11 +135,11 @@ def test_hidden_route_engine_matches_hf(hidden_route, play_ids):
     assert (got - want).abs().max().item() < 2e-4
     t = np.arange(150, 256)
     pairs = [
-        AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair"),
+        AlignedWindows(ids[:256], ids[70:326], t, t - 70, None, "pair", next_tokens=ids[t + 1]),
         AlignedWindows(ids[300:500], ids[350:550], np.arange(100, 200), np.arange(50, 150), 0, "bos pair"),
     ]
     for a, b in zip(engine.aligned_divergences(pairs), hf.aligned_divergences(pairs), strict=True):
-        assert a.keys() == b.keys()  # no error bounds: nothing is approximated
+        assert a.keys() == b.keys()  # no error bounds: nothing is approximated; dp where next tokens are given
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=DIV_REL, atol=DIV_ABS, err_msg=name)
 
@@ -165,6 +166,8 @@ def test_hidden_route_every_metric_equals_hf(hidden_route, task, meta):
     for key in keys:
         if key.startswith(("ppl@", "bpb@", "keyppl")):
             assert metric(got, key) == pytest.approx(metric(want, key), rel=REL_EXACT_PPL), key
+        elif key.startswith("symkl_p"):  # a percentile's value near a bin edge may land one bin over
+            assert metric(got, key) == pytest.approx(metric(want, key), rel=ONE_BIN), key
         else:
             assert metric(got, key) == pytest.approx(metric(want, key), rel=DIV_REL, abs=DIV_ABS), key
     if task == MIS:
@@ -185,7 +188,9 @@ def _records_match(got: dict, want: dict) -> None:
         for ra, rb in zip(rows_got, rows_want, strict=True):
             assert ra.keys() == rb.keys(), part
             for key, value in rb.items():
-                if not isinstance(value, float):
+                if key.endswith("_hist"):
+                    _histograms_match(ra[key], value)
+                elif not isinstance(value, float):
                     assert ra[key] == value, (part, key)
                 elif key.startswith("top1"):  # argmax agreement: a near-tie may flip one position
                     assert abs(ra[key] - value) <= (1 if part == "groups" else 0), (part, key)
@@ -278,3 +283,16 @@ def test_lm_eval_cli_hidden_route(assets, hflm, tmp_path):
             want = metric(want_mis, f"{name}@{n}")
             assert got[MIS][f"{name}@{n},none"] == pytest.approx(want, rel=DIV_REL, abs=DIV_ABS), (name, n)
     assert got[MIS]["approximate,none"] == 0.0
+
+
+def _histograms_match(got: list, want: list) -> None:
+    """Sparse [[bin, count], ...] histograms of nearly equal values: the same number of values, each
+    in the same bin or a neighbour (a value within rounding of a bin edge may cross it)."""
+    size = 1 + max(i for i, _ in got + want)
+    a, b = np.zeros(size + 1, dtype=int), np.zeros(size + 1, dtype=int)
+    for dense, sparse in ((a, got), (b, want)):
+        for index, count in sparse:
+            dense[index] += count
+    cum_a, cum_b = np.cumsum(a), np.cumsum(b)
+    assert cum_a[-1] == cum_b[-1]
+    assert np.all(cum_a[:-1] <= cum_b[1:]) and np.all(cum_b[:-1] <= cum_a[1:]), (got, want)

@@ -25,7 +25,7 @@ from lm_eval_longshort.backends.logits import (
     checked_log_softmax,
     logit_postprocessing,
 )
-from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, position_values
 from lm_eval_longshort.protocols.requests import (
     AlignedWindows,
     Prompt,
@@ -255,7 +255,7 @@ class HFEngine(ScoringEngine):
     def aligned_divergences(
         self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
     ) -> list[dict[str, np.ndarray]]:
-        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated).
+        """Exact full-vocabulary divergences and ``dp`` (``topk`` is ignored: nothing is approximated).
 
         Pairs are batched across documents (a pair's long and short window share a batch);
         divergences are computed ``chunk_positions`` compared positions at a time.
@@ -267,18 +267,20 @@ class HFEngine(ScoringEngine):
                 p = pairs[i]
                 long_pos = torch.as_tensor(p.long_positions, device=self.device) + p.offset
                 short_pos = torch.as_tensor(p.short_positions, device=self.device) + p.offset
+                nexts = None if p.next_tokens is None else torch.as_tensor(p.next_tokens, device=self.device)
                 # Both streams cut the compared positions into the same chunks: they stay aligned.
                 parts = [
-                    all_divergences(logp, logq)
-                    for (_, logp), (_, logq) in zip(
+                    position_values(logp, logq, None if nexts is None else nexts[part])
+                    for (part, logp), (_, logq) in zip(
                         forward.logprobs(2 * item, long_pos, p.label),
                         forward.logprobs(2 * item + 1, short_pos, p.label),
                         strict=True,
                     )
                 ]
+                names = parts[0] if parts else METRIC_NAMES
                 out[i] = {
                     name: torch.cat([part[name] for part in parts]).double().cpu().numpy() if parts else np.zeros(0)
-                    for name in METRIC_NAMES
+                    for name in names
                 }
         return out  # type: ignore[return-value]
 

@@ -16,7 +16,7 @@ import torch
 
 from lm_eval_longshort.backends.logits import OutputHead, load_output_head
 from lm_eval_longshort.backends.vllm_common import VLLMBase, checkpoint_folder, chunks, tokens_prompts
-from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
+from lm_eval_longshort.numerics.divergences import METRIC_NAMES, position_values
 from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, TargetWindow
 
 POOLING_ARGS = '"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}'
@@ -129,7 +129,7 @@ class VLLMHiddenStateEngine(VLLMBase):
     def aligned_divergences(
         self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
     ) -> list[dict[str, np.ndarray]]:
-        """Exact full-vocabulary divergences (``topk`` is ignored: nothing is approximated)."""
+        """Exact full-vocabulary divergences and ``dp`` (``topk`` is ignored: nothing is approximated)."""
         sequences = self.prepare(pairs)  # [long_0, short_0, long_1, ...]
         out: list[dict[str, np.ndarray] | None] = [None] * len(pairs)
         held: dict[int, torch.Tensor] = {}
@@ -142,14 +142,16 @@ class VLLMHiddenStateEngine(VLLMBase):
     def _pair_divergences(
         self, pair: AlignedWindows, h_long: torch.Tensor, h_short: torch.Tensor
     ) -> dict[str, np.ndarray]:
-        """{metric: float64 [k]} between the pair's compared rows, ``chunk_positions`` at a time."""
+        """{metric: float64 [k]} between the pair's compared rows (``dp`` too when the pair carries
+        its next tokens), ``chunk_positions`` at a time."""
         long_pos = torch.as_tensor(np.asarray(pair.long_positions) + pair.offset)
         short_pos = torch.as_tensor(np.asarray(pair.short_positions) + pair.offset)
+        nexts = None if pair.next_tokens is None else torch.as_tensor(np.asarray(pair.next_tokens))
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in METRIC_NAMES}
         for rows, logp in self.head.chunks(h_long[long_pos], pair.label, long_pos):
             logq = self.head.log_softmax(h_short[short_pos[rows]], pair.label, short_pos[rows])
-            for name, value in all_divergences(logp, logq).items():
-                parts[name].append(value.double().cpu())
+            for name, value in position_values(logp, logq, None if nexts is None else nexts[rows]).items():
+                parts.setdefault(name, []).append(value.double().cpu())
         return {name: torch.cat(v).numpy() if v else np.zeros(0) for name, v in parts.items()}
 
 

@@ -31,6 +31,7 @@ import torch
 from vllm import SamplingParams
 
 from lm_eval_longshort.backends.vllm_common import VLLMBase, chunks, tokens_prompts
+from lm_eval_longshort.numerics.divergences import next_token_values
 from lm_eval_longshort.numerics.topk import coarse_topk_divergences
 from lm_eval_longshort.protocols.requests import (
     AlignedWindows,
@@ -212,7 +213,8 @@ class VLLMEngine(VLLMBase):
 
         Per compared position, both windows' top-``topk`` lists give coarse-grained divergences
         that are lower bounds of the exact ones, and ``tv_err_bound`` / ``js_err_bound`` bound
-        how far below they can be (numerics/topk.py). top1 is exact.
+        how far below they can be (numerics/topk.py). top1 is exact. ``dp`` is exact except where
+        the next token is not in the prompt (``_next_token_logprobs``).
         """
         flat = self.prepare(pairs)
         sequences = list(zip(flat[0::2], flat[1::2]))  # per pair: (long window, short window)
@@ -235,7 +237,10 @@ class VLLMEngine(VLLMBase):
                 )
                 self._check_finite(lp_p, pair.label, pair.long_positions, "long-window position")
                 self._check_finite(lp_q, pair.label, pair.short_positions, "short-window position")
-                out.append(coarse_topk_divergences(ids_p, lp_p, ids_q, lp_q))
+                values = coarse_topk_divergences(ids_p, lp_p, ids_q, lp_q)
+                if pair.next_tokens is not None:
+                    values |= _next_token_values(outputs[2 * j], outputs[2 * j + 1], pair)
+                out.append(values)
         return out
 
 
@@ -262,6 +267,40 @@ def _logprob_of(output, token: int, label: str) -> float:
     if hits.size == 0:
         raise RuntimeError(f"{label}: vLLM did not return the log-probability of token {token}")
     return float(logprobs[starts[0] + hits[0]])
+
+
+def _next_token_values(long_output, short_output, pair: AlignedWindows) -> dict[str, np.ndarray]:
+    """The next-token metrics (``dp``) of a pair from its two windows' outputs."""
+    rows_p, rows_q = (np.asarray(r) + pair.offset for r in (pair.long_positions, pair.short_positions))
+    nexts = np.asarray(pair.next_tokens)
+    lp_p = torch.from_numpy(_next_token_logprobs(long_output, rows_p, nexts, pair.label))
+    lp_q = torch.from_numpy(_next_token_logprobs(short_output, rows_q, nexts, pair.label))
+    return {name: value.numpy() for name, value in next_token_values(lp_p, lp_q).items()}
+
+
+def _next_token_logprobs(output, rows: np.ndarray, nexts: np.ndarray, label: str) -> np.ndarray:
+    """float64 log-probability of ``nexts[i]`` after prompt position ``rows[i]``.
+
+    Inside the prompt the next token is prompt token r + 1, whose exact log-probability is the
+    first entry of its prompt list. After the last prompt token (the long window's last compared
+    position: the document's next token is not in that prompt) it is read from the generated
+    position's top-K list, -inf (probability 0) when outside it: off by at most the K-th
+    probability there, one position per document and length (docs/metrics.md).
+    """
+    n_prompt = len(output.prompt_token_ids)
+    out = np.full(len(rows), -np.inf)
+    in_prompt = rows + 1 < n_prompt
+    if in_prompt.any():
+        starts, _, ids, logprobs = _flat(output.prompt_logprobs, "prompt", label)
+        first = starts[rows[in_prompt] + 1]
+        if not np.array_equal(ids[first], nexts[in_prompt]):
+            raise RuntimeError(f"{label}: the compared positions' next tokens are not the prompt's")
+        out[in_prompt] = logprobs[first]
+    if (~in_prompt).any():
+        starts, ends, ids, logprobs = _flat(output.outputs[0].logprobs, "sample", label)
+        listed = dict(zip(ids[starts[0] + 1 : ends[0]].tolist(), logprobs[starts[0] + 1 : ends[0]].tolist()))
+        out[~in_prompt] = [listed.get(int(token), -np.inf) for token in nexts[~in_prompt]]
+    return out
 
 
 def _topk_rows(output, rows: np.ndarray, k: int, label: str) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from lm_eval_longshort.protocols.settings import MisalignSettings, PerplexitySet
 log = logging.getLogger(__name__)
 
 # Bump when a code change alters what a stored response means: old entries then miss.
-RESPONSE_FORMAT = 3
+RESPONSE_FORMAT = 4  # 4: dense groups hold dp_sum, symkl_hist and symkl_max
 TABLE = "longshort_documents"
 
 

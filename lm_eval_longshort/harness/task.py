@@ -26,7 +26,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval_longshort.harness import lm_method
 from lm_eval_longshort.harness.datasets import DATASET_KEYS, LOADER_KEYS
 from lm_eval_longshort.harness.resume import text_sha1
-from lm_eval_longshort.numerics import aggregate, catalogue
+from lm_eval_longshort.numerics import aggregate, catalogue, histogram
 from lm_eval_longshort.numerics.catalogue import key
 from lm_eval_longshort.protocols.settings import measured_settings, parse_settings, settings_to_json
 
@@ -152,6 +152,7 @@ class _LongShortTask(ConfigurableTask):
             "n_tokens": int(response["n_tokens"]),
             "skipped": skipped,
             **({} if skipped else {"sums": {k: list(v) for k, v in values.items() if isinstance(v, tuple)}}),
+            **({} if skipped or not (found := distributions(values)) else {"distributions": found}),
         }
         return values
 
@@ -211,7 +212,25 @@ def _aggregator(metric: catalogue.Metric):
     """How documents combine into ``metric`` (not the ``documents`` pool: see ``aggregations``)."""
     if metric.name in _SPECIAL:
         return _SPECIAL[metric.name]
+    if metric.pool == "quantile":
+        return histogram.pooled_quantile(metric.quantile)
     return {"max": aggregate.maximum, "count": aggregate.count}.get(metric.pool) or _RATIO[metric.transform]
+
+
+# A distribution summary's field in a document record's ``distributions[<of>@L]``.
+_DISTRIBUTION_FIELD = {"quantile": "counts", "max": "max"}
+
+
+def distributions(values: dict) -> dict:
+    """A scored document's ``distributions`` record from its per-document values: per summarised
+    metric and length (``symkl@L``), its histogram ``counts`` and its exact ``max``."""
+    out: dict[str, dict] = {}
+    for name, value in values.items():
+        metric_name, length, _ = catalogue.parse_key(name)
+        metric = catalogue.get(metric_name)
+        if metric is not None and metric.of is not None and value is not None:
+            out.setdefault(key(metric.of, length), {})[_DISTRIBUTION_FIELD[metric.pool]] = value
+    return out
 
 
 def scored_documents(records: list[dict]) -> int:
@@ -228,19 +247,23 @@ def documents_digest(records: list[dict]) -> str:
 def document_values(record: dict, aggs: dict) -> dict:
     """What ``process_results`` gave for one document, rebuilt from its record (for the metrics
     of ``aggs``): a scored document's (numerator, denominator) sums, None for every metric of a
-    skipped one, the skipped flag, the record itself. Metrics pooled by maximum (the
-    ``approximate`` flag) are not recorded per document and are left out.
+    skipped one, a distribution summary's histogram counts or maximum, the skipped flag, the record
+    itself. The ``approximate`` flag (pooled by maximum) is not recorded per document and is left out.
     """
     skipped = bool(record["skipped"])
     values = {}
     for name in aggs:
-        pool = catalogue.get(catalogue.parse_key(name)[0]).pool
-        if pool == "documents":
+        metric_name, length, _ = catalogue.parse_key(name)
+        metric = catalogue.get(metric_name)
+        summary = (record.get("distributions") or {}).get(key(metric.of, length), {}) if metric.of else {}
+        if metric.pool == "documents":
             values[name] = record
-        elif pool == "count":
+        elif metric.pool == "count":
             values[name] = int(skipped)
-        elif pool == "ratio" and (skipped or name in record["sums"]):
+        elif metric.pool == "ratio" and (skipped or name in record["sums"]):
             values[name] = None if skipped else tuple(record["sums"][name])
+        elif metric.of is not None and (skipped or _DISTRIBUTION_FIELD[metric.pool] in summary):
+            values[name] = None if skipped else summary[_DISTRIBUTION_FIELD[metric.pool]]
     return values
 
 
@@ -307,7 +330,8 @@ class PerplexityTask(_LongShortTask):
 
 
 class MisalignTask(_LongShortTask):
-    """``longshort_misalign_*``: sce@L, symkl@L, js@L, top1@L, tv@L, approximate, skipped_docs.
+    """``longshort_misalign_*``: sce@L, symkl@L, js@L, top1@L, tv@L, approximate, skipped_docs;
+    in dense mode also dp@L and the distribution of symkl (its percentiles and maximum per L).
 
     ``approximate`` is 1.0 when the backend approximated (vllm's top-K dense mode), else 0.0.
     """
@@ -315,10 +339,12 @@ class MisalignTask(_LongShortTask):
     KIND = "misalign"
 
     def _per_doc_values(self, response: dict) -> dict:
-        names = catalogue.divergences()
-        sums = {(m, n): 0.0 for m in names for n in self.settings.lengths}
-        counts = dict.fromkeys(self.settings.lengths, 0)
-        if response["mode"] == "last":
+        mode, lengths = response["mode"], self.settings.lengths
+        reported = [m for m in catalogue.metrics("misalign", per_length=True) if not m.only or mode in m.only]
+        names = [m.name for m in reported if m.pool == "ratio"]
+        sums = {(m, n): 0.0 for m in names for n in lengths}
+        counts = dict.fromkeys(lengths, 0)
+        if mode == "last":
             for pair in response["pairs"]:
                 counts[pair["long_len"]] += 1
                 for m in names:
@@ -328,6 +354,11 @@ class MisalignTask(_LongShortTask):
                 counts[group["L"]] += group["n_positions"]
                 for m in names:
                     sums[(m, group["L"])] += group[f"{m}_sum"]
-        values = {key(m, n): (sums[(m, n)], counts[n]) for m in names for n in self.settings.lengths}
+        values = {key(m, n): (sums[(m, n)], counts[n]) for m in names for n in lengths}
+        groups = {g["L"]: g for g in response.get("groups", [])}  # dense: one group per length
+        for metric in (m for m in reported if m.of is not None):
+            for n in lengths:
+                found = groups[n][f"{metric.of}_hist"] if metric.pool == "quantile" else groups[n][f"{metric.of}_max"]
+                values[key(metric.name, n)] = found
         values["approximate"] = float(bool(response.get("approximate", False)))
         return values

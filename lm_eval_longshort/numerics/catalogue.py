@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 KINDS = ("ppl", "misalign")
 TRANSFORMS = ("identity", "exp", "bits")  # numerics/aggregate.py: R, exp(R), R / ln 2
-POOLS = ("ratio", "max", "count", "documents")
+POOLS = ("ratio", "max", "count", "documents", "quantile")
 STDERR_SUFFIX = "_stderr"
 
 
@@ -34,9 +34,11 @@ class Metric:
         title: the plot title.
         label: the axis label (unit).
         better: ``higher`` or ``lower``; None for counts and flags (no direction).
-        pool: how documents combine: ``ratio`` (Σa / Σb, then ``transform``), ``max`` (a flag:
-            1 if any document has it), ``count`` (a sum of counts) or ``documents`` (the
-            number scored; the task keeps every document's record).
+        pool: how documents combine: ``ratio`` (Σa / Σb, then ``transform``), ``max`` (the
+            largest per-document value: of ``of``'s positions, or a flag, 1 if any document has
+            it), ``quantile`` (the ``quantile`` of ``of``'s per-position values, read from the
+            documents' merged histograms, numerics/histogram.py), ``count`` (a sum of counts) or
+            ``documents`` (the number scored; the task keeps every document's record).
         transform: for ``pool = ratio``, how R becomes the value: ``identity``, ``exp``, ``bits``.
         only: the protocol (ppl) or mode (misalign) values under which the task reports it;
             empty: always.
@@ -45,6 +47,12 @@ class Metric:
         correlate: correlated with perplexity in the sweep report (and its precision table);
             also the misalignment columns of the finetune report.
         regularizer: a divergence the training regularizer may use (``--divergence``).
+        of: for pool ``quantile`` or ``max``: the per-position metric whose distribution this
+            summarises (``symkl``); None: not a distribution summary.
+        quantile: for pool ``quantile``: which one (0.5 the median).
+        next_token: computed per position from the probability of the actual next token under
+            both contexts (``dp``), beside the divergences, not by a kernel of the two
+            distributions alone.
     """
 
     name: str
@@ -60,6 +68,9 @@ class Metric:
     plot: bool = False
     correlate: bool = False
     regularizer: bool = False
+    of: str | None = None
+    quantile: float | None = None
+    next_token: bool = False
 
     @property
     def family(self) -> str:
@@ -102,6 +113,47 @@ _ENTRIES = (
     Metric("js", "misalign", True, "Jensen-Shannon divergence", "JS (nats / token)", "lower"),
     Metric("top1", "misalign", True, "Top-1 agreement (long vs short)", "agreement rate", "higher", table=True),
     Metric("tv", "misalign", True, "Total variation distance", "TV distance", "lower"),
+    # The distribution of misalignment in dense mode (docs/metrics.md): percentiles of per-position
+    # symkl from fixed log-spaced histograms, its exact maximum, and the next token's probability gain.
+    *(
+        Metric(
+            f"symkl_p{round(100 * q)}",
+            "misalign",
+            True,
+            f"{round(100 * q)}th percentile of per-position symKL",
+            "symKL (nats)",
+            "lower",
+            pool="quantile",
+            only=("dense",),
+            table=q == 0.9,
+            of="symkl",
+            quantile=q,
+        )
+        for q in (0.5, 0.9, 0.99)
+    ),
+    Metric(
+        "symkl_max",
+        "misalign",
+        True,
+        "Largest per-position symKL",
+        "symKL (nats)",
+        "lower",
+        pool="max",
+        only=("dense",),
+        table=True,
+        of="symkl",
+    ),
+    Metric(
+        "dp",
+        "misalign",
+        True,
+        "Next-token probability gain (long minus short)",
+        "p_long - p_short (next token)",
+        "higher",
+        only=("dense",),
+        table=True,
+        next_token=True,
+    ),
     Metric("ppl@max", "ppl", False, "Perplexity at the longest length", "perplexity", "lower", transform="exp"),
     Metric(
         "keyppl",
@@ -137,6 +189,12 @@ def register(metric: Metric) -> Metric:
         )
         if value not in allowed
     ]
+    if metric.of is not None and metric.pool not in ("quantile", "max"):
+        problems.append("only a metric pooled by quantile or max summarises another's distribution (of)")
+    if (metric.pool == "quantile") != (
+        metric.of is not None and metric.quantile is not None and 0 < metric.quantile <= 1
+    ):
+        problems.append("pool quantile needs of and a quantile in (0, 1], and only it takes a quantile")
     if "@" in metric.name.removesuffix("@max") or metric.name.endswith(STDERR_SUFFIX) or "," in metric.name:
         problems.append("a name may not hold '@', ',' or end in '_stderr' (they delimit keys)")
     if problems:
@@ -178,8 +236,19 @@ def names(kind: str | None = None, per_length: bool | None = True, **flags: bool
 
 
 def divergences() -> tuple[str, ...]:
-    """The misalignment metrics: one divergence kernel each in ``numerics/divergences.py``."""
-    return names("misalign")
+    """The misalignment metrics with a divergence kernel each in ``numerics/divergences.py``
+    (pooled ratios of two distributions alone: not ``dp``, not the distribution summaries)."""
+    return tuple(m.name for m in metrics("misalign", per_length=True) if m.pool == "ratio" and not m.next_token)
+
+
+def next_token_metrics() -> tuple[str, ...]:
+    """Per-position misalignment metrics read from the next token's probabilities (``dp``)."""
+    return tuple(m.name for m in metrics("misalign", per_length=True) if m.next_token)
+
+
+def summarised() -> tuple[str, ...]:
+    """The per-position metrics whose distribution is kept (histogram and maximum): ``symkl``."""
+    return tuple(dict.fromkeys(m.of for m in CATALOGUE.values() if m.of is not None))
 
 
 def transform(name: str) -> str:

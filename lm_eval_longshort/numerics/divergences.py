@@ -116,6 +116,29 @@ def all_divergences(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.T
     return {name: value.reshape(shape) for name, value in values.items()}
 
 
+def dp(logp_next: torch.Tensor, logq_next: torch.Tensor) -> torch.Tensor:
+    """p(next) - q(next) from the actual next token's log-probabilities under the long and the
+    short context: how much the long context raises it (positive where long context helps)."""
+    return logp_next.exp() - logq_next.exp()
+
+
+def next_token_values(logp_next: torch.Tensor, logq_next: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The catalogue's next-token metrics (``dp``), each a function of the same name of the next
+    token's two log-probabilities (the vLLM top-K route reads those without full distributions)."""
+    logp_next, logq_next = _promote(logp_next, logq_next)
+    return {name: globals()[name](logp_next, logq_next) for name in catalogue.next_token_metrics()}
+
+
+def position_values(logp: torch.Tensor, logq: torch.Tensor, next_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What dense misalignment keeps per compared position: every divergence (``all_divergences``)
+    and, when the next tokens ``next_ids`` [...] are known, the next-token metrics."""
+    values = all_divergences(logp, logq)
+    if next_ids is None:
+        return values
+    index = next_ids.to(device=logp.device, dtype=torch.long)[..., None]
+    return values | next_token_values(logp.gather(-1, index)[..., 0], logq.gather(-1, index)[..., 0])
+
+
 def _with_others(fused: dict, logp: torch.Tensor, logq: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """``fused`` plus, from its own kernel, every catalogue divergence the fused pass does not compute."""
     return fused | {name: METRICS[name](logp, logq) for name in names if name not in fused}

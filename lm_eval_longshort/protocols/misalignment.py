@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lm_eval_longshort.numerics import catalogue, histogram
 from lm_eval_longshort.numerics.divergences import METRIC_NAMES, all_divergences
 from lm_eval_longshort.protocols.base import Document, DocumentRequests, Protocol, bos_tokens
 from lm_eval_longshort.protocols.requests import AlignedWindows, Prompt, ScoringEngine
@@ -88,6 +89,7 @@ def dense_pairs(ids: np.ndarray, s: MisalignSettings, doc_index: int, bos, label
                 short_positions=t - gap,
                 bos=bos,
                 label=f"{label} L={length} e={gap}",
+                next_tokens=ids[t + 1],  # the document holds ids[L]: it needs L + e >= L + 1 tokens
             )
         )
         layout.append(
@@ -169,6 +171,10 @@ class Dense(MisalignProtocol):
             # Every per-position array: the metrics, plus error bounds from approximate backends
             # (tv_err_bound -> tv_err_bound_sum).
             group.update({f"{name}_sum": float(np.sum(array)) for name, array in per_position.items()})
+            # The distribution of each summarised metric (symkl): fixed-bin counts and the exact maximum.
+            for name in catalogue.summarised():
+                group[f"{name}_hist"] = histogram.sparse(histogram.counts(per_position[name]))
+                group[f"{name}_max"] = float(np.max(per_position[name]))
         return {"groups": asked.layout, "mode": self.name, "approximate": engine.approximate_dense}
 
 

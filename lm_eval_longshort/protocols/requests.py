@@ -116,6 +116,8 @@ class AlignedWindows(_Request):
 
     Position ``long_positions[i]`` of ``long_tokens`` and ``short_positions[i]`` of
     ``short_tokens`` end at the same document token; the distributions after them are compared.
+    ``next_tokens[i]``, when given, is the document token that follows it (``dp`` reads its
+    probability under both contexts).
     """
 
     long_tokens: np.ndarray  # [L]
@@ -124,6 +126,7 @@ class AlignedWindows(_Request):
     short_positions: np.ndarray  # [k] indices into short_tokens
     bos: int | None
     label: str
+    next_tokens: np.ndarray | None = None  # [k] the token after each compared position
 
     @property
     def n_inputs(self) -> int:
@@ -183,7 +186,8 @@ class ScoringEngine(abc.ABC):
     def aligned_divergences(
         self, pairs: Sequence[AlignedWindows], topk: int = 256, *, batch_tokens: int | None = None
     ) -> list[dict[str, np.ndarray]]:
-        """Per pair, {metric: float64 [k]} divergences between the compared positions.
+        """Per pair, {metric: float64 [k]} divergences between the compared positions, and the
+        next-token metrics (``dp``) when the pair carries ``next_tokens``.
 
         ``topk``: the list size of backends that approximate from top-K lists (vllm; exact
         backends ignore it). Approximate backends add per-position error bounds

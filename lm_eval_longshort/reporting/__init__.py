@@ -19,7 +19,14 @@ from lm_eval_longshort.reporting.correlation import Correlation, bootstrap_inter
 from lm_eval_longshort.reporting.differences import Difference, between_lengths, between_runs, paired
 from lm_eval_longshort.reporting.grouping import Group, describe_all, groups_by_kind
 from lm_eval_longshort.reporting.longtable import Row, long_table, values_csv
-from lm_eval_longshort.reporting.plots import check_output_path, draw_runs, length_label, plot_runs
+from lm_eval_longshort.reporting.plots import (
+    check_output_path,
+    draw_distribution,
+    draw_runs,
+    length_label,
+    plot_distribution,
+    plot_runs,
+)
 from lm_eval_longshort.reporting.runs import (
     ReportingError,
     Run,
@@ -47,6 +54,7 @@ __all__ = [
     "correlate",
     "csv_text",
     "describe_all",
+    "draw_distribution",
     "draw_runs",
     "format_length_table",
     "format_report",
@@ -59,6 +67,7 @@ __all__ = [
     "paired",
     "parse_metric_key",
     "pearson",
+    "plot_distribution",
     "plot_runs",
     "read_results_file",
     "render_table",

@@ -22,7 +22,7 @@ from lm_eval_longshort.reporting.correlation import Correlation, correlate, pear
 from lm_eval_longshort.reporting.differences import DIFFERENCE_HEADER, Difference, between_lengths, between_runs
 from lm_eval_longshort.reporting.longtable import Row, index, long_table
 from lm_eval_longshort.reporting.runs import ReportingError, Run, finite
-from lm_eval_longshort.reporting.tables import format_value, format_with_error, short_task
+from lm_eval_longshort.reporting.tables import format_value, format_with_error, short_task, shown_metrics
 from lm_eval_longshort.reporting.writers import csv_text, render_table, write_text
 
 __all__ = ["CompareResult", "Correlation", "Difference", "compare_runs", "pearson", "spearman"]
@@ -273,9 +273,11 @@ def _table_rows(runs: Sequence[Run], table: dict, sides: Sequence[tuple[str, str
     return rows, per_length, pooled
 
 
-def _columns(kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
-    """The catalogue's per-length metrics of ``kind`` (plus ``metric``), less those ``taken``."""
-    return [m for m in dict.fromkeys([*catalogue.names(kind), metric]) if m not in taken]
+def _columns(runs: Sequence[Run], task: str, kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
+    """The per-length metrics of ``kind`` a table shows for ``task`` (``tables.shown_metrics``;
+    plus ``metric``), less those ``taken``."""
+    reported = {m for run in runs for m in run.per_length.get(task, {})}
+    return [m for m in dict.fromkeys([*shown_metrics(kind, reported), metric]) if m not in taken]
 
 
 def compare_runs(
@@ -308,8 +310,8 @@ def compare_runs(
         if task is not None:
             check_comparable(runs, task, kind)
     base = _pick_baseline(runs, baseline)
-    ppl_cols = _columns("ppl", ppl_metric) if p_task is not None else []
-    mis_cols = _columns("misalign", misalign_metric, ppl_cols) if m_task is not None else []
+    ppl_cols = _columns(runs, p_task, "ppl", ppl_metric) if p_task is not None else []
+    mis_cols = _columns(runs, m_task, "misalign", misalign_metric, ppl_cols) if m_task is not None else []
     sides = [(t, m, c) for t, m, c in ((p_task, ppl_metric, ppl_cols), (m_task, misalign_metric, mis_cols)) if t]
     values = long_table(runs, {t for t, _, _ in sides})
     rows, per_length, pooled = _table_rows(runs, index(values), sides)

@@ -7,6 +7,7 @@ is imported only here, and only its object API (no pyplot): the caller's backend
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -191,8 +192,13 @@ def plot_runs(
     runs: Sequence[Run], out_path: str | Path, trained_context: int | None = None, title: str | None = None
 ) -> Path:
     """Save a figure of perplexity (and symKL / SCE, if present) vs context length (:func:`draw_runs`)."""
+    return _save(draw_runs, runs, out_path, trained_context, title)
+
+
+def _save(draw, runs: Sequence[Run], out_path: str | Path, trained_context: int | None, title: str | None) -> Path:
+    """Check the path, draw ``draw(runs, trained_context, title)`` and save it there."""
     out = check_output_path(out_path)
-    fig = draw_runs(runs, trained_context, title)
+    fig = draw(runs, trained_context, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=PLOT_DPI)
     return out
@@ -225,3 +231,63 @@ def draw_runs(runs: Sequence[Run], trained_context: int | None = None, title: st
     if title:
         fig.suptitle(title)
     return fig
+
+
+# --------------------------------------------------------------------------- the distribution of misalignment
+
+# One line style per distribution summary (p50, p90, p99, max), in catalogue order.
+SUMMARY_STYLES = ("-", "--", "-.", ":")
+
+
+def distribution_summaries() -> dict[str, tuple[str, ...]]:
+    """{per-position metric: its distribution summaries in catalogue order} (symkl: p50, p90, p99, max)."""
+    return {
+        of: tuple(m.name for m in catalogue.metrics(per_length=True) if m.of == of) for of in catalogue.summarised()
+    }
+
+
+def draw_distribution(runs: Sequence[Run], trained_context: int | None = None, title: str | None = None):
+    """The figure of ``plot --distribution``: per summarised metric (symkl) and group of results
+    that measured the same thing, one panel of its percentiles and maximum against context length
+    (a colour per run, a line style per summary; no error bars: a percentile has no standard error)."""
+    from matplotlib.figure import Figure
+
+    by_kind = grouping.groups_by_kind(runs)
+    panels = []  # (per-position metric, group, {summary: its series})
+    for of, summaries in distribution_summaries().items():
+        for group in by_kind.get(catalogue.get(of).kind, []):
+            lines = {m: series for m in summaries if (series := _series(group.members, m))}
+            if lines:
+                panels.append((of, group, lines))
+    if not panels:
+        names = _words([m for summaries in distribution_summaries().values() for m in summaries], "or")
+        raise ReportingError(
+            f"nothing to plot: no run reports {names} per length (the distribution of misalignment: "
+            "run a longshort_misalign_* task with mode dense)"
+        )
+    fig = Figure(figsize=(6.4, 4.6 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    colours = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
+    for ax, (of, group, lines) in zip(axes, panels, strict=True):
+        drawn = []
+        for style, (summary, series) in zip(itertools.cycle(SUMMARY_STYLES), lines.items()):
+            for line in series:
+                colour, label = colours[line.run.label], f"{line.run.label} {summary}"
+                ax.plot(line.lengths, line.values, linestyle=style, marker="o", markersize=3, color=colour, label=label)
+            drawn += series
+        finish_length_axes(ax, drawn, trained_context)
+        subtitle = _subtitle(group, drawn, by_kind[catalogue.get(of).kind])
+        ax.set_title(f"Distribution of per-position {of}: percentiles and maximum\n{subtitle}", fontsize=10)
+        ax.set_ylabel(catalogue.label(next(iter(lines))))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_distribution(
+    runs: Sequence[Run], out_path: str | Path, trained_context: int | None = None, title: str | None = None
+) -> Path:
+    """Save :func:`draw_distribution`'s figure."""
+    return _save(draw_distribution, runs, out_path, trained_context, title)

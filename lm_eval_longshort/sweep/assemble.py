@@ -76,7 +76,8 @@ def task_results(task: str, pieces: list[dict], bootstrap_iters: int) -> tuple[d
         if (found := _metric(result_key)) is None:
             continue
         metric, filter_key = found
-        if catalogue.get(catalogue.parse_key(metric)[0]).pool == "max":  # not recorded per document
+        entry = catalogue.get(catalogue.parse_key(metric)[0])
+        if entry.pool == "max" and entry.of is None:  # a flag, not recorded per document
             flags = [_piece_value(piece["results"][task][result_key]) for piece in pieces]
             raw_metrics[found] = [None if r["skipped"] else flags[i] for r, i in owned]
         else:
