@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 KINDS = ("ppl", "misalign")
 TRANSFORMS = ("identity", "exp", "bits")  # numerics/aggregate.py: R, exp(R), R / ln 2
-POOLS = ("ratio", "max", "count", "documents")
+POOLS = ("ratio", "max", "count", "documents", "positions")
 STDERR_SUFFIX = "_stderr"
 
 
@@ -36,7 +36,9 @@ class Metric:
         better: ``higher`` or ``lower``; None for counts and flags (no direction).
         pool: how documents combine: ``ratio`` (Σa / Σb, then ``transform``), ``max`` (a flag:
             1 if any document has it), ``count`` (a sum of counts) or ``documents`` (the
-            number scored; the task keeps every document's record).
+            number scored; the task keeps every document's record) or ``positions`` (no lm-eval
+            metric: per-position bins of (Σa, Σb) in each document's record, pooled per bin by
+            ``plot --positions`` and the sweep report).
         transform: for ``pool = ratio``, how R becomes the value: ``identity``, ``exp``, ``bits``.
         only: the protocol (ppl) or mode (misalign) values under which the task reports it;
             empty: always.
@@ -75,6 +77,27 @@ class Metric:
 _ENTRIES = (
     Metric("ppl", "ppl", True, "Perplexity", "perplexity", "lower", transform="exp", table=True, plot=True),
     Metric("bpb", "ppl", True, "Bits per byte", "bits / byte", "lower", transform="bits", table=True),
+    Metric(
+        "ppl_pos",
+        "ppl",
+        True,
+        "Perplexity of the positions since the previous length",
+        "perplexity",
+        "lower",
+        transform="exp",
+        only=("truncate",),
+        table=True,
+    ),
+    Metric(
+        "loss_pos",
+        "ppl",
+        False,
+        "Loss against position",
+        "loss (nats / token)",
+        "lower",
+        pool="positions",
+        only=("truncate",),
+    ),
     Metric(
         "symkl",
         "misalign",
