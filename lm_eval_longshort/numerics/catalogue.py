@@ -15,6 +15,7 @@ anywhere.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 KINDS = ("ppl", "misalign")
@@ -198,6 +199,13 @@ def metrics(
 def names(kind: str | None = None, per_length: bool | None = True, **flags: bool) -> tuple[str, ...]:
     """Names of :func:`metrics` (per-length ones unless ``per_length`` says otherwise)."""
     return tuple(m.name for m in metrics(kind, per_length, **flags))
+
+
+def shown(kind: str, reported: Collection[str]) -> tuple[str, ...]:
+    """The per-length metric names of ``kind`` a table shows for results reporting ``reported``:
+    every one without ``only`` (a missing value is a blank cell), and those that only some
+    protocols or modes report when present (no empty ``ppl_pos`` column for a ``ladder`` run)."""
+    return tuple(m.name for m in metrics(kind, True) if not m.only or m.name in reported)
 
 
 def divergences() -> tuple[str, ...]:

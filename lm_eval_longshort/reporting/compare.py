@@ -273,9 +273,10 @@ def _table_rows(runs: Sequence[Run], table: dict, sides: Sequence[tuple[str, str
     return rows, per_length, pooled
 
 
-def _columns(kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
-    """The catalogue's per-length metrics of ``kind`` (plus ``metric``), less those ``taken``."""
-    return [m for m in dict.fromkeys([*catalogue.names(kind), metric]) if m not in taken]
+def _columns(runs: Sequence[Run], task: str, kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
+    """The catalogue's per-length metrics of ``kind`` that ``task`` shows (plus ``metric``), less those ``taken``."""
+    reported = {m for run in runs for m in run.per_length.get(task, {})}
+    return [m for m in dict.fromkeys([*catalogue.shown(kind, reported), metric]) if m not in taken]
 
 
 def compare_runs(
@@ -308,8 +309,8 @@ def compare_runs(
         if task is not None:
             check_comparable(runs, task, kind)
     base = _pick_baseline(runs, baseline)
-    ppl_cols = _columns("ppl", ppl_metric) if p_task is not None else []
-    mis_cols = _columns("misalign", misalign_metric, ppl_cols) if m_task is not None else []
+    ppl_cols = _columns(runs, p_task, "ppl", ppl_metric) if p_task is not None else []
+    mis_cols = _columns(runs, m_task, "misalign", misalign_metric, ppl_cols) if m_task is not None else []
     sides = [(t, m, c) for t, m, c in ((p_task, ppl_metric, ppl_cols), (m_task, misalign_metric, mis_cols)) if t]
     values = long_table(runs, {t for t, _, _ in sides})
     rows, per_length, pooled = _table_rows(runs, index(values), sides)

@@ -46,7 +46,7 @@ def _columns(run: Run) -> list[tuple[str, str]]:
         known = catalogue.names(kind)
         for task in run.tasks_with(known):
             extra = sorted(set(run.per_length[task]) - set(known))
-            columns += [(task, m) for m in (*known, *extra)]
+            columns += [(task, m) for m in (*catalogue.shown(kind, run.per_length[task]), *extra)]
     return columns
 
 
