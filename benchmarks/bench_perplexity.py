@@ -5,7 +5,12 @@
 2. truncate: one pass for all lengths vs YaRN-style per-length passes (expect ~1.8x for
    doubling lengths).
 
+3. ``--positions``: what truncate's loss-against-position bins cost: the scoring of a truncate
+   task (fastest of ``--repeat``) against the work the bins add to it (edges, per-bin sums,
+   ppl_pos@L sums, the larger JSON response), timed on the same per-token NLLs (target: <= 1.02x).
+
 Usage: .venv/bin/python benchmarks/bench_perplexity.py [--docs 2] [--lengths 1024 2048 4096]
+       .venv/bin/python benchmarks/bench_perplexity.py --positions [--repeat 3] [--truncate-lengths ...]
 """
 
 from __future__ import annotations
@@ -30,6 +35,46 @@ def bare_ladder(model, tokenizer, docs, lengths, w):
     return total
 
 
+def position_cost(lm, docs, lengths, repeat: int) -> None:
+    """Print the truncate scoring time and the share of it the position bins take."""
+    import json
+    import time
+
+    import numpy as np
+
+    from lm_eval_longshort.harness.lm_method import engine_for
+    from lm_eval_longshort.protocols import perplexity
+    from lm_eval_longshort.protocols.runner import Document, evaluate_documents, plan_task
+    from lm_eval_longshort.protocols.settings import parse_settings
+
+    settings = parse_settings("ppl", {"protocol": "truncate", "lengths": lengths})
+    engine, t = engine_for(lm), {}
+    documents = [Document(i, d["title"], d["text"]) for i, d in enumerate(docs)]
+    for _ in range(repeat):
+        with timed(t, "truncate"):
+            responses = evaluate_documents(engine, settings, documents, "bench")
+    plan = plan_task(engine, settings, documents, "bench")
+    first = 0 if plan.bos is not None else 1
+    # The pass's per-token NLLs (their values do not change the cost of summing them).
+    nlls = [np.random.default_rng(i).uniform(0, 10, settings.longest - first) for i in range(len(docs))]
+    rounds = 200
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for nll in nlls:  # what truncate_summarize and the response add for the curve, per document
+            bins = perplexity.position_sums(nll, first, perplexity.position_edges(settings))
+            for previous, length in zip((0, *settings.lengths), settings.lengths):
+                perplexity.span_sums(bins, previous, length)
+            json.dumps(bins)
+    extra = (time.perf_counter() - start) / rounds
+    n_bins = len(responses[0]["positions"]["n_targets"])
+    print(f"truncate with loss-against-position bins, {len(docs)} docs, lengths {lengths}, {n_bins} bins")
+    print(
+        f"  scoring (fastest of {repeat}): {t['truncate']:.2f} s ({t['truncate_cpu']:.2f} s CPU); "
+        f"the bins' work: {extra * 1e3:.2f} ms; with / without: {t['truncate'] / (t['truncate'] - extra):.5f}x "
+        "(target <= 1.02x)"
+    )
+
+
 def main() -> None:
     from harness_run import evaluate
 
@@ -39,9 +84,14 @@ def main() -> None:
     parser.add_argument("--target-tokens", type=int, default=256)
     parser.add_argument("--truncate-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--skip-truncate", action="store_true")
+    parser.add_argument("--positions", action="store_true", help="only the cost of truncate's position bins")
+    parser.add_argument("--repeat", type=int, default=3, help="--positions: scoring runs (the fastest counts)")
     args = parser.parse_args()
     lm, model, tokenizer = embedded_hflm()
     docs = corpus(args.docs)
+    if args.positions:
+        position_cost(lm, docs, args.truncate_lengths, args.repeat)
+        return
     meta = {"protocol": "ladder", "lengths": args.lengths, "target_tokens": args.target_tokens}
     t: dict[str, float] = {}
 

@@ -89,11 +89,17 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw a dashed line at the model's training context length, e.g. 8192",
     )
     parser.add_argument("--title", default=None, help="figure title")
-    parser.add_argument(
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument(
         "--distribution",
         action="store_true",
         help="draw the distribution of per-position symKL instead (its percentiles and maximum against "
         "length; misalignment mode dense)",
+    )
+    view.add_argument(
+        "--positions",
+        action="store_true",
+        help="draw loss against token position instead (protocol truncate's bins; a panel per group)",
     )
 
 
@@ -112,7 +118,13 @@ def _plot_run(args: argparse.Namespace) -> int:
     """Save the perplexity / misalignment vs length figure (one row per comparable group)."""
     reporting.check_output_path(args.output)  # before loading and drawing anything
     runs = _load(args)
-    draw = reporting.plot_distribution if args.distribution else reporting.plot_runs
+    draw = (
+        reporting.plot_distribution
+        if args.distribution
+        else reporting.plot_positions
+        if args.positions
+        else reporting.plot_runs
+    )
     out = draw(runs, args.output, trained_context=args.trained_context, title=args.title)
     print(f"wrote {out}")
     notes = reporting.describe_all(runs)

@@ -253,11 +253,28 @@ def test_misalignment_pairs_at_the_limit_run(hflm):
             r"protocol='slide' must be one of \('ladder', 'truncate', 'sliding'\)",
         ),
         ({"lengths": [64], "target_tokens": 0}, r"target_tokens=0 must be an integer >= 1"),
+        # Loss against position needs the one pass over ids[0:C] that only truncate makes.
+        *(
+            (
+                {"protocol": protocol, "lengths": [64], "bins_per_doubling": 4},
+                rf"bins_per_doubling=4 asks for loss against position, which only protocol truncate measures.* "
+                rf"not {protocol}; use protocol=truncate or drop bins_per_doubling",
+            )
+            for protocol in ("ladder", "sliding")
+        ),
+        *(
+            (
+                {"protocol": "truncate", "lengths": [64], "bins_per_doubling": n},
+                rf"bins_per_doubling={n} must be an integer >= 1",
+            )
+            for n in (0, -2)
+        ),
     ],
 )
 def test_perplexity_settings_errors(hflm, meta, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=pattern) as error:
         evaluate_tasks(hflm, [PPL], meta)
+    assert "\n" not in str(error.value)  # one line
 
 
 def _sliding(hflm, stride: int) -> tuple[dict, dict]:

@@ -86,6 +86,52 @@ def truncate_code() -> list[str]:
     return lines + [f"single pass: reads {span(fed(one))}, scores {span(one.tokens[one.score_from :])}; {kept}"]
 
 
+def positions_spec() -> list[str]:
+    k, edges = 2, [0]  # 2 bins per doubling: 0, then round(2^(j/2)) = 1, 1, 2, 3, 4, 6 below C, then C
+    edges += sorted({int(2 ** (j / k) + 0.5) for j in range(2 * k + 4)} - {0} | set(LENGTHS))
+    edges = [e for e in edges if e <= C]
+    nll = {t: float(t) for t in range(1, C)}  # no BOS: ids[1:C] are the targets, NLL of ids[t] = t
+    bins = list(zip(edges, edges[1:]))
+    sums = [sum(nll.get(t, 0.0) for t in range(lo, hi)) for lo, hi in bins]
+    counts = [sum(1 for t in range(lo, hi) if t in nll) for lo, hi in bins]
+    new4, new8 = [t for t in nll if t < 4], [t for t in nll if 4 <= t < 8]
+    return [
+        f"bins_per_doubling={k}, C={C}: edges {edges}",
+        "bins: positions " + ", ".join(f"{lo}..{hi - 1}" for lo, hi in bins),
+        f"no BOS, NLL of ids[t] = t: nll_sum {[int(x) for x in sums]}, n_targets {counts}",
+        f"ppl_pos@4 scores ids[1:4]: exp({sum(new4):g}/{len(new4)}) = {math.exp(sum(new4) / len(new4)):.4f}; "
+        f"ppl_pos@8 scores ids[4:8]: exp({sum(new8):g}/{len(new8)}) = {math.exp(sum(new8) / len(new8)):.4f}",
+        f"ppl@8 pools every bin: exp({sum(sums):g}/{sum(counts)}) = {math.exp(sum(sums) / sum(counts)):.4f}",
+        "with a BOS: ppl_pos@4 scores ids[0:4], ppl_pos@8 scores ids[4:8]",
+    ]
+
+
+def positions_code() -> list[str]:
+    s = PerplexitySettings(lengths=LENGTHS, protocol="truncate", bins_per_doubling=2)
+    nll = np.arange(1.0, C)  # the one pass's NLLs of ids[1:C]
+    summary = perplexity.truncate_summarize(IDS, [nll], s, None, lambda ids: "x" * len(ids))
+    bins, records = summary["positions"], {r["L"]: r for r in summary["records"]}
+    edges = bins["edges"]
+    assert edges == perplexity.position_edges(s)
+
+    def pos(n: int) -> str:
+        a, b = records[n]["pos_nll_sum"], records[n]["pos_n_targets"]
+        return f"exp({a:g}/{b}) = {math.exp(a / b):.4f}"
+
+    with_bos = perplexity.truncate_summarize(IDS, [np.arange(0.0, C)], s, BOS, lambda ids: "x" * len(ids))
+    first = {r["L"]: r["pos_n_targets"] for r in with_bos["records"]}
+    total = records[C]
+    return [
+        f"bins_per_doubling=2, C={C}: edges {edges}",
+        "bins: positions " + ", ".join(f"{lo}..{hi - 1}" for lo, hi in zip(edges, edges[1:])),
+        f"no BOS, NLL of ids[t] = t: nll_sum {[int(x) for x in bins['nll_sum']]}, n_targets {bins['n_targets']}",
+        f"ppl_pos@4 scores ids[1:4]: {pos(4)}; ppl_pos@8 scores ids[4:8]: {pos(8)}",
+        f"ppl@8 pools every bin: exp({total['nll_sum']:g}/{total['n_targets']}) = "
+        f"{math.exp(total['nll_sum'] / total['n_targets']):.4f}",
+        f"with a BOS: ppl_pos@4 scores ids[{4 - first[4]}:4], ppl_pos@8 scores ids[{8 - first[8]}:8]",
+    ]
+
+
 def sliding_windows_spec(n_doc: int, length: int, stride: int, first: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored) per window: starts 0, S, 2S, ... until a window reaches n_doc."""
     out, scored = [], first  # tokens before `scored` are scored already (or unscorable)
@@ -351,6 +397,7 @@ def distribution_code() -> list[str]:
 EXAMPLES = {
     "ladder": (ladder_spec, ladder_code),
     "truncate": (truncate_spec, truncate_code),
+    "loss against position": (positions_spec, positions_code),
     "sliding": (sliding_spec, sliding_code),
     "key tokens": (key_spec, key_code),
     "last": (last_spec, last_code),

@@ -82,13 +82,60 @@ def test_truncate_matches_plain_forward_and_single_pass(hflm, smol, plays):
             nll = plain_nll(model, ids[:n], first_scored=1)
             expected[n].append((float(nll.sum()), n - 1, n_bytes(tok, ids[1:n])))
     check_task(results, samples, expected)
+    check_positions(results, samples, [doc_ids(tok, p["text"]) for p in plays[:2]], model, lengths, 4, bos=None)
 
     # Forcing per-length passes gives the same numbers as the default single pass.
     per_length, _ = evaluate(
         hflm, "longshort_ppl_shakespeare", {"protocol": "truncate", "lengths": lengths, "single_pass": False}
     )
     for n in lengths:
-        assert metric(per_length, f"ppl@{n}") == pytest.approx(metric(results, f"ppl@{n}"), rel=1e-5)
+        for name in ("ppl", "ppl_pos"):
+            assert metric(per_length, f"{name}@{n}") == pytest.approx(metric(results, f"{name}@{n}"), rel=1e-5)
+
+
+def reference_edges(lengths: list[int], per_doubling: int) -> list[int]:
+    """docs/metrics.md's bins: 0, every rounded 2^(j/k) below C, and every length (C last)."""
+    c = max(lengths)
+    powers = [int(2 ** (j / per_doubling) + 0.5) for j in range(per_doubling * c.bit_length() + 1)]
+    return sorted({0, *lengths} | {p for p in powers if p < c})
+
+
+def check_positions(results, samples, docs_ids, model, lengths, per_doubling, bos) -> None:
+    """The loss-against-position bins and ppl_pos@L against one plain forward over ids[0:C] per
+    document (BOS prepended when given: then ids[0] is a target too); ppl@L against the bins' pool."""
+    c, edges = max(lengths), reference_edges(lengths, per_doubling)
+    expected_bins = np.zeros((len(edges) - 1, 2))  # pooled (NLL sum, targets) per bin, from the reference
+    logged_bins = np.zeros((len(edges) - 1, 2))  # the same, from the package's logged bins
+    for sample, ids in zip(sorted(samples, key=lambda s: s["doc_id"]), docs_ids, strict=True):
+        window = ([bos] if bos is not None else []) + ids[:c]
+        nll = plain_nll(model, window, first_scored=1).numpy()  # the NLL of ids[t] for every scorable t
+        positions = np.arange(c - len(nll), c)  # t: the target's index in the document
+        inside = [(positions >= lo) & (positions < hi) for lo, hi in zip(edges, edges[1:])]
+        expected = np.array([(nll[m].sum(), m.sum()) for m in inside])
+        got = response(sample)["positions"]
+        assert got["edges"] == edges
+        assert got["n_targets"] == expected[:, 1].astype(int).tolist()
+        assert got["nll_sum"] == pytest.approx(expected[:, 0].tolist(), rel=REL, abs=1e-6)
+        expected_bins += expected
+        logged_bins += np.array([got["nll_sum"], got["n_targets"]]).T
+    lows, highs, previous = np.array(edges[:-1]), np.array(edges[1:]), 0
+    for n in lengths:
+        new = (lows >= previous) & (highs <= n)  # positions previous .. n-1
+        pooled = math.exp(expected_bins[new, 0].sum() / expected_bins[new, 1].sum())
+        assert metric(results, f"ppl_pos@{n}") == pytest.approx(pooled, rel=REL)
+        upto = highs <= n  # the cumulative ppl@L is the token-weighted pool of the bins up to L
+        pooled = math.exp(logged_bins[upto, 0].sum() / logged_bins[upto, 1].sum())
+        assert metric(results, f"ppl@{n}") == pytest.approx(pooled, rel=1e-9)
+        previous = n
+
+
+def test_truncate_positions_with_bos(hflm, smol, plays):
+    """With a BOS, ids[0] is a target (predicted from the BOS alone): the first bin holds it."""
+    model, tok = smol
+    lengths = [128, 256]
+    meta = {"protocol": "truncate", "lengths": lengths, "add_bos": True, "bins_per_doubling": 2}
+    results, samples = evaluate(hflm, "longshort_ppl_shakespeare", meta, limit=1)
+    check_positions(results, samples, [doc_ids(tok, plays[0]["text"])], model, lengths, 2, bos=tok.bos_token_id)
 
 
 def independent_sliding(model, ids: list[int], window: int, stride: int) -> np.ndarray:

@@ -933,3 +933,97 @@ def test_plot_distribution_draws_the_percentiles_against_length(tmp_path: Path, 
     assert cli.main(["plot", str(one_run), "-o", str(tmp_path / "no.png"), "--distribution"]) == 2
     err = capsys.readouterr().err
     assert "nothing to plot" in err and "mode dense" in err and not (tmp_path / "no.png").exists()
+
+
+# --------------------------------------------------------------------------- loss against position (issue 18)
+
+POS_EDGES, POS_LENGTHS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256], [128, 256]
+
+
+def _position_documents(rng, n_docs: int) -> list[dict]:
+    """Documents of a truncate run without BOS: position bins (position 0 never a target) and the
+    ppl@L / ppl_pos@L sums they imply, as the task records them."""
+    docs = []
+    for d in range(n_docs):
+        counts = [0] + [hi - lo for lo, hi in zip(POS_EDGES[1:], POS_EDGES[2:])]
+        nll = [n * rng.uniform(1.0, 6.0) for n in counts]
+        sums, previous = {}, 0
+        for L in POS_LENGTHS:
+            upto = [i for i, hi in enumerate(POS_EDGES[1:]) if hi <= L]
+            new = [i for i in upto if POS_EDGES[i] >= previous]
+            sums[f"ppl@{L}"] = [sum(nll[i] for i in upto), sum(counts[i] for i in upto)]
+            sums[f"ppl_pos@{L}"] = [sum(nll[i] for i in new), sum(counts[i] for i in new)]
+            previous = L
+        positions = {"edges": POS_EDGES, "nll_sum": nll, "n_targets": counts}
+        docs.append(
+            {"doc_index": d, "title": f"t{d}", "sha1": f"{d:040x}", "n_tokens": 999, "skipped": False}
+            | {"sums": sums, "positions": positions}
+        )
+    return docs
+
+
+def _truncate_run(root: Path, name: str, docs: list[dict]) -> Path:
+    values = {m: {L: _values(docs, f"{m}@{L}", "ppl") for L in POS_LENGTHS} for m in ("ppl", "ppl_pos")}
+    entry = ppl_entry(values["ppl"]) | {f"ppl_pos@{L},none": v for L, v in values["ppl_pos"].items()}
+    records = {PPL: record(PPL, documents=docs, lengths=POS_LENGTHS, protocol="truncate", bins_per_doubling=1)}
+    return write_results(root, name, {PPL: entry}, records=records)
+
+
+def test_loss_against_position_pools_bins_plots_and_compares(tmp_path: Path, capsys):
+    """The curve is each bin's token-weighted mean NLL over documents ± its delta-method error;
+    plot --positions draws exactly it; compare pairs ppl_pos@L; values.csv lists ppl_pos@L."""
+    from matplotlib.figure import Figure
+    from reference import ratio_se
+
+    from lm_eval_longshort.reporting import positions
+
+    rng = np.random.default_rng(11)
+    docs_a = _position_documents(rng, 4)
+    docs_b = _position_documents(rng, 4)  # the same documents (doc_index, sha1), other numbers
+    paths = [_truncate_run(tmp_path, "a", docs_a), _truncate_run(tmp_path, "b", docs_b)]
+    runs = load_runs(paths)
+
+    curve = reporting.position_curve(runs[0], PPL)
+    assert curve.bins == list(zip(POS_EDGES[1:], POS_EDGES[2:]))  # bin [0, 1) holds no target: not drawn
+    for i, (value, error) in enumerate(zip(curve.values, curve.errors), start=1):
+        a = [d["positions"]["nll_sum"][i] for d in docs_a]
+        b = [d["positions"]["n_targets"][i] for d in docs_a]
+        assert value == pytest.approx(sum(a) / sum(b), rel=1e-12)
+        assert error == pytest.approx(ratio_se(a, b), rel=1e-9) and error > 0
+    assert curve.positions[0] == pytest.approx(math.sqrt(2)) and curve.positions[-1] == pytest.approx(
+        math.sqrt(128 * 256)
+    )
+
+    ax = Figure().subplots()
+    positions._draw(ax, [curve], {"a": "C0"}, trained_context=64, title="t")
+    line, trained = ax.lines
+    assert list(line.get_ydata()) == curve.values and list(line.get_xdata()) == curve.positions
+    assert list(trained.get_xdata()) == [64, 64] and ax.get_xscale() == "log"
+
+    out = tmp_path / "pos.png"
+    assert cli.main(["plot", *map(str, paths), "--positions", "-o", str(out), "--trained-context", "128"]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+    result = compare_runs(runs, ppl_metric="ppl_pos")
+    between = {d.length: d for d in result.between_runs if d.metric == "ppl_pos"}
+    assert set(between) == set(POS_LENGTHS)
+    for L, diff in between.items():
+        want, want_se = delta_paired(
+            np.array([d["sums"][f"ppl_pos@{L}"] for d in docs_b]),
+            np.array([d["sums"][f"ppl_pos@{L}"] for d in docs_a]),
+            "ppl",
+        )
+        assert diff.difference == pytest.approx(want, rel=1e-12) and diff.stderr == pytest.approx(want_se, rel=1e-9)
+    rows = list(csv.DictReader(reporting.values_csv(reporting.long_table(runs)).splitlines()))
+    assert {(r["run"], r["L"]) for r in rows if r["metric"] == "ppl_pos"} == {
+        (run, str(L)) for run in "ab" for L in POS_LENGTHS
+    }
+
+
+def test_plot_positions_of_a_ladder_run_names_truncate(one_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "pos.png"
+    assert cli.main(["plot", str(one_run), "--positions", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "no loss against position in these results: it comes from protocol truncate only (these used ladder)" in err
+    assert not out.exists()

@@ -37,6 +37,12 @@ TASKS = {
         "as": "longshort_misalign_dense",
         "metadata": {"mode": "dense"},
     },
+    # Its loss-against-position bins are per-document records too: assembled, not recomputed.
+    "longshort_ppl_truncate": {
+        "task": "longshort_ppl_shakespeare",
+        "as": "longshort_ppl_truncate",
+        "metadata": {"protocol": "truncate", "bins_per_doubling": 2},
+    },
 }
 
 
@@ -125,6 +131,10 @@ def test_two_shards_equal_the_unsharded_run(sweeps):
         assert sharded["n-samples"][task] == whole["n-samples"][task]
     assert (sharded_out / "report" / "values.csv").read_text() == (whole_out / "report" / "values.csv").read_text()
     _histograms_of_two_shards_merge_into_the_whole_runs(sharded_out, whole)
+    truncate = sharded["configs"]["longshort_ppl_truncate"]["longshort"]["documents"]
+    assert all(len(d["positions"]["n_targets"]) > 10 for d in truncate)  # compared with == above
+    assert "ppl_pos@128,none" in sharded["results"]["longshort_ppl_truncate"]
+    assert (sharded_out / "report" / "loss_vs_position.png").read_bytes()[:4] == b"\x89PNG"
     status = json.loads((sharded_out / "sweep_status.json").read_text())["three"]
     assert status["status"] == "finished" and set(status["shards"]) == {"1of2", "2of2"}
     # The plan rule: `shards` is part of a sharded run's plan, and the only difference.
@@ -203,8 +213,8 @@ def test_a_shard_of_another_plan_is_refused_and_finished_shards_are_assembled_ag
             4,
             {},
             "run 'three': shards: 4 is more pieces than the run's 3 document(s) (longshort_ppl_shakespeare, "
-            "longshort_misalign_last, longshort_misalign_dense); give shards <= 3, or more documents (samples or "
-            "limit)",
+            "longshort_misalign_last, longshort_misalign_dense, longshort_ppl_truncate); give shards <= 3, or more "
+            "documents (samples or limit)",
         ),
         (None, {"shards": 4}, "run 'three': shards: 4 is more pieces than the run's 3 document(s)"),
         (0, {}, "run 'three': shards: a whole number of pieces >= 1 (1: not split), got 0"),

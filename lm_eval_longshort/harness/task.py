@@ -153,6 +153,7 @@ class _LongShortTask(ConfigurableTask):
             "skipped": skipped,
             **({} if skipped else {"sums": {k: list(v) for k, v in values.items() if isinstance(v, tuple)}}),
             **({} if skipped or not (found := distributions(values)) else {"distributions": found}),
+            **({"positions": response["positions"]} if "positions" in response else {}),
         }
         return values
 
@@ -201,6 +202,8 @@ def aggregations(kind: str, settings, documents=None) -> dict:
     aggs = {}
     for metric in catalogue.metrics():
         if metric.kind not in (kind, None) or (metric.only and variant not in metric.only):
+            continue
+        if metric.pool == "positions":  # per-position bins: in the document records, not an lm-eval metric
             continue
         function = (documents or scored_documents) if metric.pool == "documents" else _aggregator(metric)
         lengths = settings.lengths if metric.per_length else [None]
@@ -310,7 +313,8 @@ _SPECIAL = {"keyppl": _keyppl}
 
 
 class PerplexityTask(_LongShortTask):
-    """``longshort_ppl_*``: ppl@L, bpb@L, ppl@max (+ keyppl, key_frac for ladder), skipped_docs."""
+    """``longshort_ppl_*``: ppl@L, bpb@L, ppl@max (+ keyppl, key_frac for ladder; ppl_pos@L for
+    truncate), skipped_docs."""
 
     KIND = "ppl"
 
@@ -321,6 +325,9 @@ class PerplexityTask(_LongShortTask):
             values[key("ppl", n)] = (by_length[n]["nll_sum"], by_length[n]["n_targets"])
         for n in self.settings.lengths:
             values[key("bpb", n)] = (by_length[n]["nll_sum"], by_length[n]["n_bytes"])
+        if "positions" in response:  # truncate: the targets since the previous length
+            for n in self.settings.lengths:
+                values[key("ppl_pos", n)] = (by_length[n]["pos_nll_sum"], by_length[n]["pos_n_targets"])
         values["ppl@max"] = values[key("ppl", self.settings.longest)]
         if "key_tokens" in response:
             tokens = response["key_tokens"]

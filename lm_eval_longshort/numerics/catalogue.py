@@ -15,11 +15,12 @@ anywhere.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 KINDS = ("ppl", "misalign")
 TRANSFORMS = ("identity", "exp", "bits")  # numerics/aggregate.py: R, exp(R), R / ln 2
-POOLS = ("ratio", "max", "count", "documents", "quantile")
+POOLS = ("ratio", "max", "count", "documents", "quantile", "positions")
 STDERR_SUFFIX = "_stderr"
 
 
@@ -37,8 +38,10 @@ class Metric:
         pool: how documents combine: ``ratio`` (Σa / Σb, then ``transform``), ``max`` (the
             largest per-document value: of ``of``'s positions, or a flag, 1 if any document has
             it), ``quantile`` (the ``quantile`` of ``of``'s per-position values, read from the
-            documents' merged histograms, numerics/histogram.py), ``count`` (a sum of counts) or
-            ``documents`` (the number scored; the task keeps every document's record).
+            documents' merged histograms, numerics/histogram.py), ``count`` (a sum of counts),
+            ``documents`` (the number scored; the task keeps every document's record) or
+            ``positions`` (no lm-eval metric: per-position bins of (Σa, Σb) in each document's
+            record, pooled per bin by ``plot --positions`` and the sweep report).
         transform: for ``pool = ratio``, how R becomes the value: ``identity``, ``exp``, ``bits``.
         only: the protocol (ppl) or mode (misalign) values under which the task reports it;
             empty: always.
@@ -86,6 +89,27 @@ class Metric:
 _ENTRIES = (
     Metric("ppl", "ppl", True, "Perplexity", "perplexity", "lower", transform="exp", table=True, plot=True),
     Metric("bpb", "ppl", True, "Bits per byte", "bits / byte", "lower", transform="bits", table=True),
+    Metric(
+        "ppl_pos",
+        "ppl",
+        True,
+        "Perplexity of the positions since the previous length",
+        "perplexity",
+        "lower",
+        transform="exp",
+        only=("truncate",),
+        table=True,
+    ),
+    Metric(
+        "loss_pos",
+        "ppl",
+        False,
+        "Loss against position",
+        "loss (nats / token)",
+        "lower",
+        pool="positions",
+        only=("truncate",),
+    ),
     Metric(
         "symkl",
         "misalign",
@@ -233,6 +257,13 @@ def metrics(
 def names(kind: str | None = None, per_length: bool | None = True, **flags: bool) -> tuple[str, ...]:
     """Names of :func:`metrics` (per-length ones unless ``per_length`` says otherwise)."""
     return tuple(m.name for m in metrics(kind, per_length, **flags))
+
+
+def shown(kind: str, reported: Collection[str]) -> tuple[str, ...]:
+    """The per-length metric names of ``kind`` a table shows for results reporting ``reported``:
+    every one without ``only`` (a missing value is a blank cell), and those that only some
+    protocols or modes report when present (no empty ``ppl_pos`` column for a ``ladder`` run)."""
+    return tuple(m.name for m in metrics(kind, True) if not m.only or m.name in reported)
 
 
 def divergences() -> tuple[str, ...]:

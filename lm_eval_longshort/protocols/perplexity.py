@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -90,7 +91,42 @@ def truncate_summarize(ids, nlls, s: PerplexitySettings, bos, decode: Decode) ->
         # One pass: the NLLs of ids[first:C]; length L keeps its first L - first (prefix sums).
         nll = nlls[0][: length - first] if len(nlls) == 1 else nlls[i]
         records.append(_record(length, nll, _n_bytes(decode, ids[first:length])))
-    return {"records": records}
+    # The pass over ids[0:C] (the only one, or the last of the per-length passes) scores every
+    # position t with context t: the loss-against-position bins and ppl_pos come from it.
+    positions = position_sums(nlls[-1], first, position_edges(s))
+    for record, previous in zip(records, (0, *s.lengths)):
+        record["pos_nll_sum"], record["pos_n_targets"] = span_sums(positions, previous, record["L"])
+    return {"records": records, "positions": positions}
+
+
+# Loss against position: the targets of ids[0:C] in bins of log-spaced positions (docs/metrics.md).
+def position_edges(s: PerplexitySettings) -> list[int]:
+    """Bin edges over positions 0..C: 0, round(2^(j/k)) for j = 0, 1, ... (k bins per doubling) and
+    every length, so each L is an edge; bin i holds the targets at positions edges[i] .. edges[i+1]-1."""
+    k, c, edges, j = s.position_bins, s.longest, {0, *s.lengths}, 0
+    while (edge := math.floor(2 ** (j / k) + 0.5)) < c:
+        edges.add(edge)
+        j += 1
+    return sorted(edges)
+
+
+def position_sums(nll: np.ndarray, first: int, edges: Sequence[int]) -> dict:
+    """``{"edges", "nll_sum", "n_targets"}``: per bin of ``edges``, the NLL sum and count of the
+    targets in it, from ``nll`` = the NLLs of ids[first : first + len(nll)] (one pass)."""
+    cumulative = np.concatenate(([0.0], np.cumsum(nll, dtype=np.float64)))
+    bounds = np.clip(np.asarray(edges) - first, 0, len(nll))
+    return {
+        "edges": [int(e) for e in edges],
+        "nll_sum": [float(v) for v in np.diff(cumulative[bounds])],
+        "n_targets": [int(v) for v in np.diff(bounds)],
+    }
+
+
+def span_sums(positions: dict, begin: int, end: int) -> tuple[float, int]:
+    """(NLL sum, targets) of the bins covering positions begin .. end-1 (both must be edges)."""
+    edges = positions["edges"]
+    lo, hi = edges.index(begin), edges.index(end)
+    return float(sum(positions["nll_sum"][lo:hi])), int(sum(positions["n_targets"][lo:hi]))
 
 
 # sliding: windows of L tokens every S tokens over ids[0:D]; each token scored once.

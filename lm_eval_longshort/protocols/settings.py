@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PPL_PROTOCOLS = ("ladder", "truncate", "sliding")
+# Loss-against-position bins per doubling of the position when metadata gives none: 4 bins per
+# octave resolve the curve around a trained context without bins of a handful of tokens past 64.
+POSITION_BINS_PER_DOUBLING = 4
 MISALIGN_MODES = ("last", "dense")
 
 
@@ -41,6 +44,8 @@ class PerplexitySettings:
     """sliding: score at most this many tokens of each document; default 4 · max(lengths)."""
     single_pass: bool | None = _setting(None)
     """truncate: one pass for all lengths; None (``auto``): yes unless positions depend on sequence length."""
+    bins_per_doubling: int | None = _setting(None, minimum=1)
+    """truncate: loss-against-position bins per doubling of the position; None: ``POSITION_BINS_PER_DOUBLING``."""
     alpha: float = _setting(2.0)
     """ladder key tokens: nll_short - nll_long must exceed alpha."""
     beta: float = _setting(-2.0)
@@ -64,6 +69,11 @@ class PerplexitySettings:
     def longest(self) -> int:
         """C = max(lengths)."""
         return max(self.lengths)
+
+    @property
+    def position_bins(self) -> int:
+        """Loss-against-position bins per doubling of the position (``bins_per_doubling`` or its default)."""
+        return self.bins_per_doubling or POSITION_BINS_PER_DOUBLING
 
     def stride_for(self, length: int) -> int:
         return self.stride if self.stride is not None else max(1, length // 2)
@@ -257,6 +267,12 @@ def _normalize(settings: PerplexitySettings | MisalignSettings) -> None:
 def _check(settings: PerplexitySettings | MisalignSettings) -> None:
     """Constraints between settings."""
     if isinstance(settings, PerplexitySettings):
+        if settings.bins_per_doubling is not None and settings.protocol != "truncate":
+            raise ValueError(
+                f"metadata bins_per_doubling={settings.bins_per_doubling} asks for loss against position, which "
+                f"only protocol truncate measures (one pass over ids[0:C] scores every position), not "
+                f"{settings.protocol}; use protocol=truncate or drop bins_per_doubling"
+            )
         if settings.protocol == "sliding":
             for length in settings.lengths:
                 if settings.stride_for(length) > length:
@@ -295,6 +311,7 @@ _ONLY_FOR = {
     "stride": "sliding",
     "max_doc_tokens": "sliding",
     "single_pass": "truncate",
+    "bins_per_doubling": "truncate",
     "pairs": "last",
     "topk": "dense",
 }
@@ -308,6 +325,8 @@ def measured_settings(settings: PerplexitySettings | MisalignSettings) -> dict:
     variant = settings.variant
     values = {k: v for k, v in values.items() if k != "batch_tokens" and _ONLY_FOR.get(k, variant) == variant}
     values["lengths"] = list(values["lengths"])
+    if "bins_per_doubling" in values:  # the default and the same number given explicitly measure alike
+        values["bins_per_doubling"] = settings.position_bins
     return {"kind": settings.kind, **values}
 
 

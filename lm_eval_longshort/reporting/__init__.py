@@ -11,6 +11,7 @@ Every metric's name, kind, transform, title and axis label come from the metric 
   tables       what ``report`` prints
   plots        ``plot``'s figure (matplotlib, object API only; imported only when plotting)
   bands        the sweep report's figures: error bands, misalignment vs perplexity
+  positions    loss against token position (truncate's per-position bins): pooled curves, figure
   compare      ``compare``: values, paired differences and correlations across runs
 """
 
@@ -27,6 +28,7 @@ from lm_eval_longshort.reporting.plots import (
     plot_distribution,
     plot_runs,
 )
+from lm_eval_longshort.reporting.positions import PositionCurve, plot_positions, position_curve
 from lm_eval_longshort.reporting.runs import (
     ReportingError,
     Run,
@@ -68,7 +70,10 @@ __all__ = [
     "parse_metric_key",
     "pearson",
     "plot_distribution",
+    "plot_positions",
     "plot_runs",
+    "position_curve",
+    "PositionCurve",
     "read_results_file",
     "render_table",
     "run_from_results",

@@ -22,7 +22,7 @@ from lm_eval_longshort.reporting.correlation import Correlation, correlate, pear
 from lm_eval_longshort.reporting.differences import DIFFERENCE_HEADER, Difference, between_lengths, between_runs
 from lm_eval_longshort.reporting.longtable import Row, index, long_table
 from lm_eval_longshort.reporting.runs import ReportingError, Run, finite
-from lm_eval_longshort.reporting.tables import format_value, format_with_error, short_task, shown_metrics
+from lm_eval_longshort.reporting.tables import format_value, format_with_error, short_task
 from lm_eval_longshort.reporting.writers import csv_text, render_table, write_text
 
 __all__ = ["CompareResult", "Correlation", "Difference", "compare_runs", "pearson", "spearman"]
@@ -274,10 +274,9 @@ def _table_rows(runs: Sequence[Run], table: dict, sides: Sequence[tuple[str, str
 
 
 def _columns(runs: Sequence[Run], task: str, kind: str, metric: str, taken: Sequence[str] = ()) -> list[str]:
-    """The per-length metrics of ``kind`` a table shows for ``task`` (``tables.shown_metrics``;
-    plus ``metric``), less those ``taken``."""
+    """The catalogue's per-length metrics of ``kind`` that ``task`` shows (plus ``metric``), less those ``taken``."""
     reported = {m for run in runs for m in run.per_length.get(task, {})}
-    return [m for m in dict.fromkeys([*shown_metrics(kind, reported), metric]) if m not in taken]
+    return [m for m in dict.fromkeys([*catalogue.shown(kind, reported), metric]) if m not in taken]
 
 
 def compare_runs(

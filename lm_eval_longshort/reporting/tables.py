@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from lm_eval_longshort.numerics import catalogue
 from lm_eval_longshort.reporting import grouping, longtable
@@ -35,16 +35,9 @@ def short_task(task: str) -> str:
     return task.removeprefix("longshort_")
 
 
-def shown_metrics(kind: str, reported: Collection[str]) -> list[str]:
-    """The catalogue's per-length metrics of ``kind`` a table shows, in catalogue order: each one
-    every protocol or mode reports (a blank cell where missing), and those only some report
-    (``only``: dense's percentiles and dp) where ``reported`` holds them."""
-    return [m.name for m in catalogue.metrics(kind, per_length=True) if not m.only or m.name in reported]
-
-
 def _columns(run: Run) -> list[tuple[str, str]]:
     """(task, metric) columns: ppl tasks first, then misalign tasks, each with the catalogue's
-    per-length metrics of its kind in catalogue order (``shown_metrics``).
+    per-length metrics of its kind in catalogue order (``catalogue.shown``).
 
     Per-length metrics the catalogue does not list are appended so nothing is hidden.
     """
@@ -53,7 +46,7 @@ def _columns(run: Run) -> list[tuple[str, str]]:
         known = catalogue.names(kind)
         for task in run.tasks_with(known):
             extra = sorted(set(run.per_length[task]) - set(known))
-            columns += [(task, m) for m in (*shown_metrics(kind, run.per_length[task]), *extra)]
+            columns += [(task, m) for m in (*catalogue.shown(kind, run.per_length[task]), *extra)]
     return columns
 
 

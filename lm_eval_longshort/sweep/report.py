@@ -7,8 +7,9 @@ tables, one per (task, ``table`` metric), a row per run and a column per length,
 its standard error (delta method over documents, as lm-eval reported it); correlations of each
 ``correlate`` metric@L with perplexity across runs, at the same L and at the longest length,
 Pearson and Spearman with n and a percentile bootstrap interval over runs (reporting/correlation.py);
-the ``plot`` metrics' figures; values.csv, every value. The Markdown holds no times or absolute
-paths, so an interrupted-and-resumed sweep gives the same report as an uninterrupted one.
+the ``plot`` metrics' figures and, for ``truncate`` tasks, loss against position; values.csv,
+every value. The Markdown holds no times or absolute paths, so an interrupted-and-resumed sweep
+gives the same report as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ def correlations_csv(rows: Sequence[Correlation]) -> str:
 
 
 def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
-    """Draw the three figures; Markdown lines embedding the ones drawn."""
+    """Draw the figures (length curves, loss against position, misalignment vs perplexity); Markdown
+    lines embedding the ones drawn."""
     labels = [r.name for r in sweep.runs]
     ppl_tasks, mis_tasks = _kind_tasks(runs, "ppl"), _kind_tasks(runs, "misalign")
     trained = sweep.trained_context
@@ -318,6 +320,14 @@ def _plots(sweep, runs: Sequence[Run], folder: Path) -> list[str]:
                     runs, mis_panels, p, trained, columns=len(mis_metrics), labels=labels
                 ),
                 "misalignment_vs_length.png",
+            )
+        )
+    if any(reporting.position_curve(run, task) for run in runs for task in ppl_tasks):
+        figures.append(
+            (
+                "Loss against position",
+                lambda p: reporting.plot_positions(runs, p, trained, tasks=ppl_tasks, labels=labels),
+                "loss_vs_position.png",
             )
         )
     if ppl_tasks and mis_tasks:
