@@ -1,0 +1,102 @@
+"""``--model vllm`` with ``data_parallel_size=2``: two vLLM CPU engines in Ray actors, equal to one.
+
+Per route (hidden states, prompt log-probabilities), one engine in this process scores a
+perplexity and a dense misalignment task (2 documents, lengths 128/256) and is shut down; then
+lm-eval's ``VLLM`` with ``data_parallel_size=2`` scores the same tasks on two actor engines that
+live for the whole route. Every aggregate and every per-document response must be EQUAL to the
+single engine's (``batch_tokens: 1``: every document is its own chunk, so each actor gets one,
+and vLLM scores one sequence per call on both sides), and each actor must have scored a document
+of each task. Engines: float32, ``max_model_len=512``, a 64 MiB KV cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness_run import evaluate
+from vllm_helpers import in_process_vllm, logged_response
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
+pytest.importorskip("ray", reason="data parallelism needs ray (make test installs it)")
+
+PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
+ROUTES = {
+    "hidden": {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}},
+    "logprobs": {"max_logprobs": -1},
+}
+CASES = [
+    (PPL, {"protocol": "ladder", "lengths": [128, 256], "target_tokens": 32, "batch_tokens": 1}),
+    (MIS, {"mode": "dense", "lengths": [128, 256], "topk": 32, "batch_tokens": 1}),
+]
+
+
+def engine_args(model_dir, route: str) -> dict:
+    return dict(
+        pretrained=str(model_dir),
+        dtype="float32",
+        max_model_len=512,
+        kv_cache_memory_bytes=64 * 1024**2,
+        enforce_eager=True,
+        **ROUTES[route],
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_once():
+    """One Ray instance for the module (the first data-parallel engine starts it)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=list(ROUTES))
+def route(request, assets):
+    """(data-parallel VLLM, {task: (results, samples) of one in-process engine}) of one route.
+
+    The single engine is shut down before the two actors start: at most two engines at a time.
+    """
+    from lm_eval.models.vllm_causallms import VLLM
+
+    from lm_eval_longshort.harness.lm_method import engine_for
+
+    args = engine_args(assets.model_dir, request.param)
+    with in_process_vllm(**args) as one:
+        want = {task: evaluate(one, task, meta) for task, meta in CASES}
+    lm = VLLM(**args, data_parallel_size=2)
+    yield lm, want
+    engine = getattr(lm, "_longshort_engine", None)
+    if engine is not None:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("task", "meta"), CASES, ids=["ppl-ladder", "misalign-dense"])
+def test_two_engines_equal_one(route, task, meta):
+    from lm_eval_longshort.harness.lm_method import engine_for
+
+    lm, want = route
+    before = engine_for(lm).chunks_per_replica() if hasattr(lm, "_longshort_engine") else [0, 0]
+    got, got_samples = evaluate(lm, task, meta)
+    engine = engine_for(lm)
+    assert type(engine).__name__ == "VLLMDataParallel" and len(engine.actors) == 2
+    # Both actors scored one of the two documents (each its own chunk).
+    assert [a - b for a, b in zip(engine.chunks_per_replica(), before)] == [1, 1]
+    want_results, want_samples = want[task]
+    assert got == want_results
+    responses = lambda samples: [logged_response(s) for s in sorted(samples, key=lambda s: s["doc_id"])]  # noqa: E731
+    got_responses, want_responses = responses(got_samples), responses(want_samples)
+    assert len(got_responses) == 2 and all(not r["skipped"] for r in got_responses)
+    assert got_responses == want_responses
+
+
+def test_more_engines_than_documents_is_refused_before_any_engine_starts(assets):
+    from lm_eval.models.vllm_causallms import VLLM
+
+    lm = VLLM(**engine_args(assets.model_dir, "hidden"), data_parallel_size=3)
+    with pytest.raises(ValueError) as info:
+        evaluate(lm, PPL, {"lengths": [128]}, limit=2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "data_parallel_size=3 is more than the 2 documents" in message, message
+    assert "use data_parallel_size=2 or fewer" in message, message
+    assert not hasattr(lm, "_longshort_engine")  # no engine was started
