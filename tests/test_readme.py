@@ -11,6 +11,8 @@ Not run here (```sh blocks, each with its reason next to it on its page):
 - docs/reproducibility.md, an ``lm_eval`` run with ``--use_cache``: the README's quick start runs the
   same command form; tests/test_resume.py checks that a killed run's rerun resumes with equal numbers.
 - docs/contributing.md, the ruff commands: `make test` runs them before this suite.
+- docs/backends.md, the data-parallel commands (GPUs, a Ray cluster): tests/test_vllm_data_parallel.py
+  runs two engines in Ray actors on the CPU build.
 A command shown on two pages runs on one of them only; the other page shows it as ```sh.
 
 Shrinking changes only sizes. Shell: ``--limit N`` -> 1 (added to an ``lm_eval`` command without

@@ -5,13 +5,16 @@ perplexity and a dense misalignment task (2 documents, lengths 128/256) and is s
 lm-eval's ``VLLM`` with ``data_parallel_size=2`` scores the same tasks on two actor engines that
 live for the whole route. Every aggregate and every per-document response must be EQUAL to the
 single engine's (``batch_tokens: 1``: every document is its own chunk, so each actor gets one,
-and vLLM scores one sequence per call on both sides), and each actor must have scored a document
-of each task. Engines: float32, ``max_model_len=512``, a 64 MiB KV cache.
+and vLLM scores one sequence per call on both sides), each actor must have scored a document
+of each task, and the engine fingerprint (resume key) must be the single engine's. Model: a
+2-layer Llama with random weights (engines start in seconds); engines: float32,
+``max_model_len=512``, a 64 MiB KV cache.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 from harness_run import evaluate
 from vllm_helpers import in_process_vllm, logged_response
 
@@ -50,8 +53,32 @@ def ray_once():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiny_model(assets, tmp_path_factory):
+    """A folder with a 2-layer Llama (random weights, SmolLM2's tokenizer): engines start and score fast."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module", params=list(ROUTES))
-def route(request, assets):
+def route(request, tiny_model):
     """(data-parallel VLLM, {task: (results, samples) of one in-process engine}) of one route.
 
     The single engine is shut down before the two actors start: at most two engines at a time.
@@ -59,10 +86,12 @@ def route(request, assets):
     from lm_eval.models.vllm_causallms import VLLM
 
     from lm_eval_longshort.harness.lm_method import engine_for
+    from lm_eval_longshort.harness.resume import engine_identity
 
-    args = engine_args(assets.model_dir, request.param)
+    args = engine_args(tiny_model, request.param)
     with in_process_vllm(**args) as one:
         want = {task: evaluate(one, task, meta) for task, meta in CASES}
+        want["identity"] = engine_identity(engine_for(one))
     lm = VLLM(**args, data_parallel_size=2)
     yield lm, want
     engine = getattr(lm, "_longshort_engine", None)
@@ -73,6 +102,7 @@ def route(request, assets):
 @pytest.mark.parametrize(("task", "meta"), CASES, ids=["ppl-ladder", "misalign-dense"])
 def test_two_engines_equal_one(route, task, meta):
     from lm_eval_longshort.harness.lm_method import engine_for
+    from lm_eval_longshort.harness.resume import engine_identity
 
     lm, want = route
     before = engine_for(lm).chunks_per_replica() if hasattr(lm, "_longshort_engine") else [0, 0]
@@ -87,12 +117,14 @@ def test_two_engines_equal_one(route, task, meta):
     got_responses, want_responses = responses(got_samples), responses(want_samples)
     assert len(got_responses) == 2 and all(not r["skipped"] for r in got_responses)
     assert got_responses == want_responses
+    # The same resume key and results fingerprint: a run resumes across data_parallel_size.
+    assert engine_identity(engine) == want["identity"]
 
 
-def test_more_engines_than_documents_is_refused_before_any_engine_starts(assets):
+def test_more_engines_than_documents_is_refused_before_any_engine_starts(tiny_model):
     from lm_eval.models.vllm_causallms import VLLM
 
-    lm = VLLM(**engine_args(assets.model_dir, "hidden"), data_parallel_size=3)
+    lm = VLLM(**engine_args(tiny_model, "hidden"), data_parallel_size=3)
     with pytest.raises(ValueError) as info:
         evaluate(lm, PPL, {"lengths": [128]}, limit=2)
     message = str(info.value)

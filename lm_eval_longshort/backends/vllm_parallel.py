@@ -160,6 +160,14 @@ class VLLMDataParallel(ScoringEngine):
         """Every chunk on some actor: the largest first, each to the next free actor; in finishing order."""
         import ray
 
+        if 0 < len(chunks) < len(self.actors):
+            log.warning(
+                "%d chunks of documents for %d data-parallel engines: %d engines wait; a smaller batch_tokens "
+                "(--metadata) makes more chunks",
+                len(chunks),
+                len(self.actors),
+                len(self.actors) - len(chunks),
+            )
         queue = collections.deque(sorted(range(len(chunks)), key=lambda k: -costs[k]))
         free = list(range(len(self.actors)))
         running: dict = {}  # object ref -> (chunk index, actor index)
