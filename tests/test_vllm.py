@@ -273,18 +273,6 @@ def test_engine_seed_copied_into_task_metadata_is_refused(vllm_lm):
     assert math.isfinite(got["symkl@32,none"])
 
 
-def test_data_parallel_is_refused_with_the_alternatives():
-    """With data_parallel_size > 1 lm-eval's VLLM has no ``model`` (Ray workers hold the engines)."""
-    from lm_eval.models.vllm_causallms import VLLM
-
-    from lm_eval_longshort.harness.lm_method import engine_for
-
-    lm = VLLM.__new__(VLLM)  # the object as lm-eval leaves it for data_parallel_size=2
-    lm.data_parallel_size = 2
-    with pytest.raises(ValueError, match=r"need data_parallel_size=1.*got data_parallel_size=2.*tensor_parallel_size"):
-        engine_for(lm)
-
-
 def test_package_imports_no_vllm():
     """Only backends/vllm.py imports vllm: the package works where vllm is not installed."""
     code = (

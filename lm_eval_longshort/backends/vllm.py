@@ -8,8 +8,9 @@ Two routes, picked from how lm-eval's ``VLLM`` started the engine:
 - prompt log-probabilities (``vllm_logprobs.VLLMEngine``, any other engine): dense misalignment
   is approximated from top-K lists (reported as ``approximate``).
 
-``vllm_common`` holds what both share (the engine base, prompts, chunks). These four modules are
-the only ones that import vllm; this one is the entry the harness imports.
+``vllm_common`` holds what both share (the engine base, prompts, chunks); ``vllm_parallel`` runs
+``data_parallel_size`` engines in Ray actors. These modules are the only ones that import vllm;
+this one is the entry the harness imports.
 """
 
 from __future__ import annotations
@@ -19,33 +20,37 @@ import logging
 from lm_eval_longshort.backends.vllm_common import VLLMBase
 from lm_eval_longshort.backends.vllm_hidden import POOLING_EXAMPLE, VLLMHiddenStateEngine
 from lm_eval_longshort.backends.vllm_logprobs import VLLMEngine
+from lm_eval_longshort.backends.vllm_parallel import VLLMDataParallel
 
-__all__ = ["VLLMEngine", "VLLMHiddenStateEngine", "from_lm_eval"]
+__all__ = ["VLLMDataParallel", "VLLMEngine", "VLLMHiddenStateEngine", "from_lm_eval", "route_engine"]
 
 log = logging.getLogger(__name__)
 _route_hint_logged = False
 
 
-def from_lm_eval(lm, **kwargs) -> VLLMBase:
+def from_lm_eval(lm, **kwargs) -> VLLMBase | VLLMDataParallel:
     """Wrap lm-eval's VLLM (``--model vllm``): its ``vllm.LLM`` and HF tokenizer.
 
-    A pooling engine (``runner=pooling``) gets the hidden-state route, any other the
-    prompt log-probability route.
+    A pooling engine (``runner=pooling``) gets the hidden-state route, any other the prompt
+    log-probability route. With ``data_parallel_size=N`` lm-eval keeps no engine: N engines with
+    the same arguments start in Ray actors (``vllm_parallel``), each on the same route.
     """
-    dp = int(getattr(lm, "data_parallel_size", 1) or 1)
-    llm = getattr(lm, "model", None)
-    if dp > 1 or llm is None:
-        raise ValueError(
-            f"longshort tasks need data_parallel_size=1 with --model vllm (got data_parallel_size={dp}): "
-            "with data parallelism lm-eval runs vLLM inside Ray workers and keeps no engine in this "
-            "process to ask for log-probabilities or hidden states. Use tensor_parallel_size=N to "
-            "spread one model over N GPUs, or run one lm_eval process per GPU (CUDA_VISIBLE_DEVICES), "
-            "each on a shard of the documents (--limit / --samples)"
-        )
+    if int(getattr(lm, "data_parallel_size", 1) or 1) > 1:
+        engine = VLLMDataParallel.start(lm, **kwargs)
+        if engine.name == VLLMEngine.name:
+            _log_route_hint()
+        return engine
+    return route_engine(lm.model, lm.tokenizer, **kwargs)
+
+
+def route_engine(llm, tokenizer, *, hint: bool = True, **kwargs) -> VLLMBase:
+    """Our engine around a started ``vllm.LLM``, on the route it was started for (``hint``: log
+    once that the hidden-state route is better when it is not the one)."""
     if str(getattr(llm.llm_engine.model_config, "runner_type", "generate")) == "pooling":
-        return VLLMHiddenStateEngine(llm, lm.tokenizer, **kwargs)
-    _log_route_hint()
-    return VLLMEngine(llm, lm.tokenizer, **kwargs)
+        return VLLMHiddenStateEngine(llm, tokenizer, **kwargs)
+    if hint:
+        _log_route_hint()
+    return VLLMEngine(llm, tokenizer, **kwargs)
 
 
 def _log_route_hint() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import lm_eval.evaluator_utils
 from lm_eval.api.model import LM
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lm_eval_longshort.harness.resume import DocumentStore, engine_identity
 from lm_eval_longshort.protocols.requests import ScoringEngine
-from lm_eval_longshort.protocols.runner import Document, TaskPlan, plan_task, score_documents
+from lm_eval_longshort.protocols.runner import Document, TaskPlan, plan_task, score_chunks
 from lm_eval_longshort.protocols.settings import MisalignSettings, settings_from_json
 
 REQUEST_TYPE = "longshort_score"
@@ -67,6 +67,7 @@ def longshort_score(self, requests, disable_tqdm: bool = False) -> list[str]:
     any work. Responses are JSON text (lm-eval logs responses as strings, so they stay valid JSON
     in --log_samples output).
     """
+    _check_data_parallel(self, requests)
     engine = engine_for(self)
     identity = engine_identity(engine)
     plans = _check_tasks(self, engine, requests)
@@ -112,6 +113,19 @@ def _check_tasks(lm, engine: ScoringEngine, requests) -> list[tuple[TaskPlan, li
     return plans
 
 
+def _check_data_parallel(lm, requests) -> None:
+    """Refuse more data-parallel engines than documents, before any engine starts (``--model vllm``
+    with ``data_parallel_size=N`` starts N; each scores whole documents)."""
+    engines = int(getattr(lm, "data_parallel_size", 1) or 1)
+    documents = max(Counter(r.task_name for r in requests).values(), default=0)
+    if engines > 1 and engines > documents:
+        raise ValueError(
+            f"data_parallel_size={engines} is more than the {documents} documents a task has to score: "
+            f"{engines - documents} of the engines would get none; use data_parallel_size={documents} or "
+            "fewer (or score more documents: --limit)"
+        )
+
+
 def _check_model_arguments(lm, settings, task: str) -> None:
     """Refuse a task value that came from --model_args rather than --metadata.
 
@@ -153,8 +167,7 @@ def _score_with_store(engine: ScoringEngine, plan: TaskPlan, store: DocumentStor
             n_todo,
         )
     bar = tqdm(total=n_todo, desc=f"{plan.task}", unit="doc", disable=quiet or not n_todo)
-    for chunk in todo:
-        score_documents(engine, plan, chunk)
+    for chunk in score_chunks(engine, plan, todo):
         if store:
             store.put({keys[i]: plan.responses[i] for i in chunk})
         bar.update(len(chunk))

@@ -12,11 +12,15 @@ counts as context (docs/metrics.md).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -198,6 +202,18 @@ class ScoringEngine(abc.ABC):
     def approximate_dense(self) -> bool:
         """True when ``aligned_divergences`` is an approximation (reported as the ``approximate`` metric)."""
         return False
+
+    def map_chunks(
+        self, score: Callable[[ScoringEngine, T], R], chunks: Sequence[T], costs: Sequence[int]
+    ) -> Iterator[tuple[int, R]]:
+        """``(k, score(engine, chunks[k]))`` for every chunk, in the order they finish.
+
+        Here one after another on this engine. A data-parallel engine (``backends/vllm_parallel.py``)
+        runs them on its replicas at once, each ``score(replica's engine, chunk)``, balanced by
+        ``costs`` (input tokens per chunk); ``score`` is then a module-level function, pickled.
+        """
+        for k, chunk in enumerate(chunks):
+            yield k, score(self, chunk)
 
     def prepare(self, requests: Sequence[Request]) -> list[np.ndarray]:
         """Every request's token sequences with the BOS first, in order (an ``AlignedWindows``

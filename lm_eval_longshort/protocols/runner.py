@@ -1,7 +1,7 @@
 """Score a task's documents on a backend: tokenize, skip what is too short, plan, score, summarize.
 
-``plan_task`` checks a task and groups its usable documents into chunks; ``score_documents``
-scores one chunk with one engine call, so the backend batches across documents, and the
+``plan_task`` checks a task and groups its usable documents into chunks; ``score_chunks``
+scores each chunk with one engine call, so the backend batches across documents, and the
 harness commits (and on a rerun resumes) chunk by chunk. What each protocol does is its
 object's (``protocol_for``). The result is one small JSON-able record per document (lm-eval
 logs it with --log_samples).
@@ -10,7 +10,7 @@ logs it with --log_samples).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +64,7 @@ class TaskPlan:
     """A task's documents, checked and tokenized, ready to score (``plan_task``).
 
     ``responses[i]`` is document i's response: complete for a skipped document, filled in by
-    ``score_documents`` for a usable one. ``chunks`` lists the usable documents in scoring
+    ``score_chunks`` for a usable one. ``chunks`` lists the usable documents in scoring
     groups of about ``batch_tokens`` input tokens; a chunk is scored (and cached) as a unit,
     and the grouping depends only on the documents, so a resumed run batches exactly as an
     uninterrupted one and gives identical numbers.
@@ -123,15 +123,37 @@ def plan_task(
     return TaskPlan(task, settings, protocol, bos, list(docs), token_ids, responses, chunks)
 
 
-def score_documents(engine: ScoringEngine, plan: TaskPlan, indices: Sequence[int]) -> None:
-    """Score the usable documents ``indices`` of ``plan`` with one engine call, filling in their responses.
+@dataclass(frozen=True)
+class ChunkWork:
+    """One chunk as an engine replica needs it: the protocol, its (document, token ids), the BOS id."""
 
-    The task's own ``batch_tokens`` (if set) goes down with the engine call: the engine is
-    shared by the tasks of one lm-eval call, so nothing of it is changed here.
+    protocol: Protocol
+    docs: list[tuple[Document, np.ndarray]]
+    bos: int | None
+
+
+def score_chunk(engine: ScoringEngine, work: ChunkWork) -> list[dict]:
+    """The fields each document of ``work`` adds to its response (module level: a data-parallel
+    engine sends it to its replicas)."""
+    return work.protocol.score(engine, work.docs, work.bos)
+
+
+def score_chunks(engine: ScoringEngine, plan: TaskPlan, chunks: Sequence[Sequence[int]]) -> Iterator[Sequence[int]]:
+    """Score each chunk of ``plan`` (usable document indices) with one engine call, filling in its
+    documents' responses; yield each chunk once it is filled in, in the order chunks finish.
+
+    The engine decides where chunks run (``ScoringEngine.map_chunks``): one after another here, on
+    several replicas at once for a data-parallel engine. A chunk is the same engine call wherever it
+    runs, so the numbers do not depend on that. The task's own ``batch_tokens`` (if set) goes down
+    with the engine call: the engine is shared by the tasks of one lm-eval call, so nothing of it is
+    changed here.
     """
-    docs = [(plan.docs[i], plan.token_ids[i]) for i in indices]
-    for i, summary in zip(indices, plan.protocol.score(engine, docs, plan.bos), strict=True):
-        plan.responses[i].update(summary)
+    work = [ChunkWork(plan.protocol, [(plan.docs[i], plan.token_ids[i]) for i in chunk], plan.bos) for chunk in chunks]
+    costs = [sum(plan.protocol.input_tokens(len(ids), plan.bos) for _, ids in w.docs) for w in work]
+    for k, summaries in engine.map_chunks(score_chunk, work, costs):
+        for i, summary in zip(chunks[k], summaries, strict=True):
+            plan.responses[i].update(summary)
+        yield chunks[k]
 
 
 def evaluate_documents(
@@ -139,6 +161,6 @@ def evaluate_documents(
 ) -> list[dict]:
     """One response per document, in order; skipped documents get ``{"skipped": True, ...}``."""
     plan = plan_task(engine, settings, docs, task)
-    for chunk in plan.chunks:
-        score_documents(engine, plan, chunk)
+    for _ in score_chunks(engine, plan, plan.chunks):
+        pass
     return plan.responses
