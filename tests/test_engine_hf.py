@@ -99,10 +99,17 @@ def test_truncate_single_pass_is_detected_per_model(smol, plays):
     assert not static.position_dependent and dynamic.position_dependent
 
     ids = tok(plays[0]["text"], add_special_tokens=False)["input_ids"]
-    auto = evaluate_documents(dynamic, settings, docs, "t")[0]["records"]
+    auto_response = evaluate_documents(dynamic, settings, docs, "t")[0]
+    auto = auto_response["records"]
     for record in auto:  # auto mode ran one pass per length: equals a plain pass over ids[0:L]
         expected = float(plain_nll(dynamic_model, ids[: record["L"]], 1).sum())
         assert record["nll_sum"] == pytest.approx(expected, rel=1e-4)
+    # Loss against position comes from the pass over ids[0:C] (position t with context t), also
+    # here: ppl_pos@160 sums positions 48..159 of that pass, not a difference of two passes.
+    longest = plain_nll(dynamic_model, ids[:160], 1).numpy()  # ids[1:160]
+    assert sum(auto_response["positions"]["nll_sum"]) == pytest.approx(float(longest.sum()), rel=1e-4)
+    assert auto[1]["pos_nll_sum"] == pytest.approx(float(longest[47:].sum()), rel=1e-4)
+    assert auto[1]["pos_n_targets"] == 112
     forced = parse_settings("ppl", {"protocol": "truncate", "lengths": [48, 160], "single_pass": True})
     one_pass = evaluate_documents(dynamic, forced, docs, "t")[0]["records"]
     # Past max_position_embeddings dynamic RoPE rescales: the 48-token prefix of a 160-token pass differs.

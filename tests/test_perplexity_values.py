@@ -132,7 +132,7 @@ def check_positions(results, samples, docs_ids, model, lengths, per_doubling, bo
 def test_truncate_positions_with_bos(hflm, smol, plays):
     """With a BOS, ids[0] is a target (predicted from the BOS alone): the first bin holds it."""
     model, tok = smol
-    lengths = [128, 256]
+    lengths = [64, 128]
     meta = {"protocol": "truncate", "lengths": lengths, "add_bos": True, "bins_per_doubling": 2}
     results, samples = evaluate(hflm, "longshort_ppl_shakespeare", meta, limit=1)
     check_positions(results, samples, [doc_ids(tok, plays[0]["text"])], model, lengths, 2, bos=tok.bos_token_id)
