@@ -13,7 +13,7 @@ Not run here (```sh blocks, each with its reason next to it on its page):
 - docs/contributing.md, the ruff commands: `make test` runs them before this suite.
 - docs/scaling.md, the recipes: they name GPUs, a SLURM cluster and a Ray cluster that this machine
   lacks; tests/test_sweep_shared_folder.py runs the node and SLURM recipes with local stand-ins,
-  tests/test_vllm_data_parallel.py the Ray one against a local Ray instance.
+  tests/test_vllm_data_parallel.py the Ray path on a private local Ray instance.
 - docs/backends.md, the data-parallel commands (GPUs, a Ray cluster): tests/test_vllm_data_parallel.py
   runs two engines in Ray actors on the CPU build.
 A command shown on two pages runs on one of them only; the other page shows it as ```sh.

@@ -6,33 +6,22 @@ lm-eval's ``VLLM`` with ``data_parallel_size=2`` scores the same tasks on two ac
 live for the whole route. Every aggregate and every per-document response must be EQUAL to the
 single engine's (``batch_tokens: 1``: every document is its own chunk, so each actor gets one,
 and vLLM scores one sequence per call on both sides), each actor must have scored a document
-of each task, and the engine fingerprint (resume key) must be the single engine's. The actors run
-on a local Ray cluster started with docs/scaling.md's recipe (``ray start --head``, then
-``RAY_ADDRESS``). Model: a
+of each task, and the engine fingerprint (resume key) must be the single engine's. Model: a
 2-layer Llama with random weights (engines start in seconds); engines: float32,
 ``max_model_len=512``, a 64 MiB KV cache.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from harness_run import evaluate
-from offline import offline_env
 from vllm_helpers import in_process_vllm, logged_response
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
 pytest.importorskip("ray", reason="data parallelism needs ray (make test installs it)")
 
-ROOT = Path(__file__).resolve().parents[1]
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
 ROUTES = {
     "hidden": {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}},
@@ -55,53 +44,13 @@ def engine_args(model_dir, route: str) -> dict:
     )
 
 
-def ray_recipe() -> tuple[str, dict[str, str]]:
-    """docs/scaling.md's Ray cluster recipe: its head command (``ray start --head ...``) and the
-    variables its ``lm_eval`` command sets (``NAME=value`` before ``lm_eval``)."""
-    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
-    section = text.split("## vLLM data parallelism on a Ray cluster\n", 1)[1].split("\n## ", 1)[0]
-    lines = re.search(r"^```sh\n(.*?)^```", section, flags=re.S | re.M).group(1).splitlines()
-    driver = next(line for line in lines if " lm_eval " in line).split(" lm_eval ")[0]
-    return lines[0].split("#")[0].strip(), dict(word.split("=", 1) for word in driver.split())
-
-
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """docs/scaling.md's Ray recipe as a local stand-in: its head command (on a free port, with
-    two CPUs and a small object store for this machine), and the variables the page's ``lm_eval``
-    command sets (``RAY_ADDRESS``: the address the head printed), through which every data-parallel
-    engine of the module connects."""
+def ray_once():
+    """One Ray instance for the module (the first data-parallel engine starts it)."""
+    yield
     import ray
 
-    head, variables = ray_recipe()
-    assert head == "ray start --head --port=6379" and variables["RAY_ADDRESS"] == "HEAD_NODE:6379", (head, variables)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = (
-        head.replace("6379", str(port)) + " --num-cpus=2 --object-store-memory=200000000 --include-dashboard=false"
-    )
-    # Without token authentication (Ray 2.60's default for `ray start`): Ray reads RAY_AUTH_MODE when
-    # it is imported, and this process may have imported it already (vLLM does); the page's
-    # RAY_AUTH_MODE=token for a real cluster was checked by hand with a fresh driver.
-    env = offline_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
-    variables.pop("RAY_AUTH_MODE", None)
-    started = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    # What `ray start --head` tells the user to pass to the other nodes: the head's address.
-    address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
-    os.environ.update({name: value.replace("HEAD_NODE:6379", address) for name, value in variables.items()})
-    # Ray gives each CPU actor one OpenMP thread; the single engine here must sum in the same order.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield address
-    finally:
-        torch.set_num_threads(threads)
-        ray.shutdown()
-        for name in variables:
-            os.environ.pop(name, None)
-        subprocess.run(["bash", "-c", "ray stop --force"], env=env, capture_output=True, timeout=300)
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
