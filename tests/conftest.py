@@ -25,6 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist's ``--dist loadgroup``: a module's tests stay on one worker (its
     module fixtures are built once), and every test that starts vLLM engines shares one group, so
@@ -35,6 +36,18 @@ def pytest_collection_modifyitems(config, items):
         group = "vllm" if item.get_closest_marker("vllm") else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("vllm") is None)  # stable: order kept otherwise
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, called in the controller
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop if pytest-xdist could not put the groups into the test ids (pytest 9.2 with xdist 3.8
+    silently ignores them): module fixtures would be built on both workers, vLLM engines run at once."""
+    if node.config.getoption("dist", None) == "loadgroup" and ids and not any("@" in i for i in ids):
+        pytest.exit(
+            f"pytest-xdist's --dist loadgroup left the test groups out of the test ids with pytest "
+            f"{pytest.__version__}: install the versions `make test` pins (TEST_SPEC in the Makefile)",
+            returncode=4,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -14,34 +14,18 @@ of each task, and the engine fingerprint (resume key) must be the single engine'
 from __future__ import annotations
 
 import pytest
-import torch
 from harness_run import evaluate
-from vllm_helpers import in_process_vllm, logged_response
+from vllm_helpers import ROUTES, in_process_vllm, logged_response, save_tiny_llama, tiny_engine_args
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
 pytest.importorskip("ray", reason="data parallelism needs ray (make test installs it)")
 
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
-ROUTES = {
-    "hidden": {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}},
-    "logprobs": {"max_logprobs": -1},
-}
 CASES = [
     (PPL, {"protocol": "ladder", "lengths": [128, 256], "target_tokens": 32, "batch_tokens": 1}),
     (MIS, {"mode": "dense", "lengths": [128, 256], "topk": 32, "batch_tokens": 1}),
 ]
-
-
-def engine_args(model_dir, route: str) -> dict:
-    return dict(
-        pretrained=str(model_dir),
-        dtype="float32",
-        max_model_len=512,
-        kv_cache_memory_bytes=64 * 1024**2,
-        enforce_eager=True,
-        **ROUTES[route],
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,26 +39,7 @@ def ray_once():
 
 @pytest.fixture(scope="module")
 def tiny_model(assets, tmp_path_factory):
-    """A folder with a 2-layer Llama (random weights, SmolLM2's tokenizer): engines start and score fast."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(assets.model_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module", params=list(ROUTES))
@@ -88,7 +53,7 @@ def route(request, tiny_model):
     from lm_eval_longshort.harness.lm_method import engine_for
     from lm_eval_longshort.harness.resume import engine_identity
 
-    args = engine_args(tiny_model, request.param)
+    args = tiny_engine_args(tiny_model, request.param)
     with in_process_vllm(**args) as one:
         want = {task: evaluate(one, task, meta) for task, meta in CASES}
         want["identity"] = engine_identity(engine_for(one))
@@ -124,7 +89,7 @@ def test_two_engines_equal_one(route, task, meta):
 def test_more_engines_than_documents_is_refused_before_any_engine_starts(tiny_model):
     from lm_eval.models.vllm_causallms import VLLM
 
-    lm = VLLM(**engine_args(tiny_model, "hidden"), data_parallel_size=3)
+    lm = VLLM(**tiny_engine_args(tiny_model, "hidden"), data_parallel_size=3)
     with pytest.raises(ValueError) as info:
         evaluate(lm, PPL, {"lengths": [128]}, limit=2)
     message = str(info.value)

@@ -37,6 +37,48 @@ def in_process_vllm(**args):
             torch.set_num_threads(threads)
 
 
+# The two vLLM routes' engine arguments (lm-eval's --model_args keys).
+ROUTES = {
+    "hidden": {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}},
+    "logprobs": {"max_logprobs": -1},
+}
+
+
+def tiny_engine_args(model_dir, route: str) -> dict:
+    """A fast CPU engine: float32, ``max_model_len=512``, a 64 MiB KV cache, no graph capture."""
+    return dict(
+        pretrained=str(model_dir),
+        dtype="float32",
+        max_model_len=512,
+        kv_cache_memory_bytes=64 * 1024**2,
+        enforce_eager=True,
+        **ROUTES[route],
+    )
+
+
+def save_tiny_llama(tokenizer_dir, folder: Path) -> Path:
+    """A 2-layer Llama with random weights (seed 0) and SmolLM2's tokenizer in ``folder``: engines
+    start and score in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def logged_response(sample: dict) -> dict:
     """A logged sample's scoring response (logged as the dict or as its JSON text)."""
     response = sample["resps"][0][0]
