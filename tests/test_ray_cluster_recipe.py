@@ -30,15 +30,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_blocks import commands, scaling_recipe
 from harness_run import evaluate_tasks
 from offline import offline_env
-from vllm_helpers import in_process_vllm, logged_response, save_tiny_llama, tiny_engine_args
+from vllm_helpers import in_process_vllm, responses_by_doc, save_tiny_llama, tiny_engine_args
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
 pytest.importorskip("ray", reason="data parallelism needs ray (make test installs it)")
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TASK = "longshort_ppl_shakespeare"
 META = {"protocol": "ladder", "lengths": [128, 256], "target_tokens": 32, "batch_tokens": 1}
@@ -47,11 +47,9 @@ NODE_STAND_IN = ["--num-cpus=1", "--object-store-memory=100000000", "--block"]
 
 
 def recipe() -> list[str]:
-    """The commands of the page's Ray block: continuation lines joined, comments dropped."""
-    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
-    section = text.split("## vLLM data parallelism on a Ray cluster\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"^```sh\n(.*?)^```", section, flags=re.S | re.M).group(1).replace("\\\n", " ")
-    return [" ".join(re.sub(r"\s+#.*$", "", line).split()) for line in block.splitlines()]
+    """The commands of the page's Ray block, trailing comments dropped and spaces collapsed."""
+    block = scaling_recipe("vLLM data parallelism on a Ray cluster")
+    return [" ".join(re.sub(r"\s+#.*$", "", command).split()) for command in commands(block)]
 
 
 def free_port() -> int:
@@ -187,5 +185,4 @@ def test_the_ray_cluster_recipe_as_written_equals_one_engine(assets, tmp_path):
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaN (keyppl here) equals NaN
     (samples,) = glob.glob(str(tmp_path / "results" / "**" / f"samples_{TASK}_*.jsonl"), recursive=True)
     got_samples = [json.loads(line) for line in Path(samples).read_text().splitlines()]
-    responses = lambda samples: [logged_response(s) for s in sorted(samples, key=lambda s: s["doc_id"])]  # noqa: E731
-    assert len(got_samples) == 2 and responses(got_samples) == responses(want_samples)
+    assert len(got_samples) == 2 and responses_by_doc(got_samples) == responses_by_doc(want_samples)

@@ -13,7 +13,7 @@ Not run here (```sh blocks, each with its reason next to it on its page):
 - docs/contributing.md, the ruff commands: `make test` runs them before this suite.
 - docs/scaling.md, the recipes: they name GPUs, a SLURM cluster and a Ray cluster that this machine
   lacks; tests/test_sweep_shared_folder.py runs the node and SLURM recipes with local stand-ins,
-  tests/test_vllm_data_parallel.py the Ray path on a private local Ray instance.
+  tests/test_ray_cluster_recipe.py the Ray one with two local Ray nodes.
 - docs/backends.md, the data-parallel commands (GPUs, a Ray cluster): tests/test_vllm_data_parallel.py
   runs two engines in Ray actors on the CPU build.
 A command shown on two pages runs on one of them only; the other page shows it as ```sh.
@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_blocks import commands, fenced_blocks
 from offline import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +51,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SMALL_LENGTHS = [64, 128]
 CPU_VLLM_ARGS = "gpu_memory_utilization=0.2,enforce_eager=True"
 CPU_VLLM_JSON = '"gpu_memory_utilization": 0.2, "enforce_eager": true'
-
-
-def fenced_blocks(page: Path, lang: str) -> list[str]:
-    text = page.read_text(encoding="utf-8")
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -68,23 +64,6 @@ def blocks(lang: str) -> list[tuple[str, str]]:
 
 BASH = blocks("bash")
 PYTHON = blocks("python")
-
-
-def commands(block: str) -> list[str]:
-    """The block's commands: continuation lines joined (also lines inside an open quote), comments dropped."""
-    out, pending = [], ""
-    for line in block.replace("\\\n", " ").splitlines():
-        pending = f"{pending}\n{line}" if pending else line
-        try:
-            shlex.split(pending, comments=True)
-        except ValueError:  # a quote is still open: the command goes on
-            continue
-        command = pending.strip()
-        pending = ""
-        if command and not command.startswith("#"):
-            out.append(command)
-    assert not pending, f"unclosed quote in block: {pending!r}"
-    return out
 
 
 def _shrink_metadata(match: re.Match) -> str:

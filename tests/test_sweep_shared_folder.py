@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from doc_blocks import scaling_recipe
 from sweep_files import ENV, ROOT, results_files, run_sweep_cli, sweep_command, sweep_file
 
 from lm_eval_longshort.sweep import claims
@@ -174,13 +175,6 @@ def test_corrupt_run_cache_fails_the_run_with_one_line_naming_it(assets, tmp_pat
 # --------------------------------------------------------------------------- several workers
 
 
-def recipe(heading: str) -> str:
-    """The ```sh block under ``heading`` in docs/scaling.md (the recipes these tests run)."""
-    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
-    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"^```sh\n(.*?)^```", section, flags=re.S | re.M).group(1)
-
-
 def stand_in(command: str, sweep: Path, out: Path) -> str:
     """A recipe's command on the test's tiny sweep and folder, through this checkout's CLI."""
     cli = shlex.join(sweep_command())  # python -m lm_eval_longshort.cli sweep
@@ -193,7 +187,7 @@ def test_the_node_recipe_gives_the_one_worker_report(finished, tmp_path):
     computed once by one of two workers started at the same moment, and the single worker's report."""
     path, reference = finished
     out = tmp_path / "out"
-    (command,) = recipe("One multi-GPU node").strip().splitlines()
+    (command,) = scaling_recipe("One multi-GPU node").strip().splitlines()
     assert "--workers 8 --gpus 0,1,2,3,4,5,6,7" in command
     command = stand_in(command, path, out).replace("--workers 8 --gpus 0,1,2,3,4,5,6,7", "--workers 2")
     proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
@@ -217,7 +211,7 @@ def test_the_slurm_recipe_survives_a_killed_task_with_the_same_numbers(finished,
     run with the single worker's numbers."""
     path, reference = finished
     out = tmp_path / "out"
-    script = recipe("A SLURM array")
+    script = scaling_recipe("A SLURM array")
     assert script.startswith("#!/bin/bash") and "#SBATCH --array=0-7" in script
     (tmp_path / "leaderboard.sbatch").write_text(stand_in(script, path, out), encoding="utf-8")
     tasks = {}

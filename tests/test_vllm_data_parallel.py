@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 from harness_run import evaluate
-from vllm_helpers import ROUTES, in_process_vllm, logged_response, save_tiny_llama, tiny_engine_args
+from vllm_helpers import ROUTES, in_process_vllm, responses_by_doc, save_tiny_llama, tiny_engine_args
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
@@ -78,8 +78,7 @@ def test_two_engines_equal_one(route, task, meta):
     assert [a - b for a, b in zip(engine.chunks_per_replica(), before)] == [1, 1]
     want_results, want_samples = want[task]
     assert got == want_results
-    responses = lambda samples: [logged_response(s) for s in sorted(samples, key=lambda s: s["doc_id"])]  # noqa: E731
-    got_responses, want_responses = responses(got_samples), responses(want_samples)
+    got_responses, want_responses = responses_by_doc(got_samples), responses_by_doc(want_samples)
     assert len(got_responses) == 2 and all(not r["skipped"] for r in got_responses)
     assert got_responses == want_responses
     # The same resume key and results fingerprint: a run resumes across data_parallel_size.

@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness_run import evaluate, metric
 from reference import weight_files_sha256
-from vllm_helpers import in_process_vllm, lm_eval_cli_vllm, logged_response
+from vllm_helpers import ROUTES, in_process_vllm, lm_eval_cli_vllm, logged_response
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test installs the CPU build)")
@@ -27,7 +27,6 @@ pytest.importorskip("vllm", reason="the vllm backend tests need vLLM (make test 
 PPL, MIS = "longshort_ppl_shakespeare", "longshort_misalign_shakespeare"
 MAX_MODEL_LEN = 1024
 
-POOLING = {"runner": "pooling", "convert": "embed", "pooler_config": {"task": "token_embed"}}
 REL_EXACT_PPL = 1e-4
 DIV_ABS = DIV_REL = 1e-3
 ONE_BIN = 10 ** (1 / 20) - 1 + DIV_REL  # docs/metrics.md: a histogram bin spans a factor 10^(1/20)
@@ -40,7 +39,7 @@ def pooling_args(model_dir, **extra) -> dict:
         max_model_len=MAX_MODEL_LEN,
         gpu_memory_utilization=0.25,
         enforce_eager=True,
-        **POOLING,
+        **ROUTES["hidden"],
         **extra,
     )
 

@@ -85,6 +85,11 @@ def logged_response(sample: dict) -> dict:
     return json.loads(response) if isinstance(response, str) else response
 
 
+def responses_by_doc(samples: list[dict]) -> list[dict]:
+    """The logged responses of ``samples`` in document order."""
+    return [logged_response(s) for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+
 def lm_eval_cli_vllm(model_args: str, tasks: str, metadata: dict, out: Path) -> dict:
     """``results`` of ``lm_eval --model vllm`` run as users run it (one document, offline).
 
